@@ -1,0 +1,1 @@
+"""The Click commands: parse, validate, call the library, report. No logic lives here."""

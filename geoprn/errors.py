@@ -1,0 +1,21 @@
+"""The exceptions geoprn raises; the CLI turns each into one line on stderr and a non-zero exit."""
+
+
+class GeoprnError(Exception):
+    """Base of every error geoprn reports to the user."""
+
+
+class InputError(GeoprnError):
+    """A scene, raster or vector file is missing, unreadable or unsuitable."""
+
+
+class CheckpointError(GeoprnError):
+    """A checkpoint is missing, corrupt, of the wrong kind or not a geoprn checkpoint."""
+
+
+class OutputError(GeoprnError):
+    """An output folder cannot be written, or holds outputs the command must not overwrite."""
+
+
+class SchedulerError(GeoprnError):
+    """The Dask scheduler cannot be reached or a block task failed."""

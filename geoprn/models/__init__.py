@@ -1,0 +1,1 @@
+"""Networks geoprn runs: base segmenters (segmentation-models-pytorch), PRN and BPR refiners."""

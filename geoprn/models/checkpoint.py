@@ -1,0 +1,142 @@
+"""One checkpoint format for every model: safetensors weights plus a JSON header.
+
+The header sits in the safetensors metadata under the key ``geoprn``. Loading reads tensors
+and JSON only, so a checkpoint can never run code (no pickle anywhere).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from geoprn.errors import CheckpointError
+from geoprn.models.base import build_base
+from geoprn.models.predictor import Predictor
+
+FORMAT = "geoprn-checkpoint"
+FORMAT_VERSION = 1
+KINDS = ("base", "prn", "bpr")
+REQUIRED = ("kind", "architecture", "arguments", "bands", "tile_size")
+
+
+def build_network(meta: dict[str, Any]) -> torch.nn.Module:
+    """Build the untrained network a header describes."""
+    if meta["architecture"] == "PatchRefineNet":  # the paper's refiner (geoprn.models.prn)
+        from geoprn.models.prn import PatchRefineNet
+
+        return PatchRefineNet(**meta["arguments"])
+    return build_base(meta["architecture"], meta["arguments"])
+
+
+def save_checkpoint(
+    model: torch.nn.Module, meta: dict[str, Any], path: str | Path, half: bool = False
+) -> Path:
+    """Write ``model``'s weights and ``meta`` as a geoprn checkpoint.
+
+    Args:
+        model: a :class:`Predictor` or a bare network.
+        meta: the header; must hold at least ``REQUIRED`` keys.
+        path: destination ``.safetensors`` file (written atomically).
+        half: store floating-point weights as float16 (shipped weights).
+    """
+    missing = [k for k in REQUIRED if k not in meta]
+    if missing or meta["kind"] not in KINDS:
+        raise CheckpointError(f"checkpoint header lacks {missing or 'a valid kind'}")
+    from geoprn import __version__
+
+    net = model.net if isinstance(model, Predictor) else model
+    header = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "geoprn_version": __version__,
+        "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        **meta,
+    }
+    tensors = {}
+    for name, tensor in net.state_dict().items():
+        tensor = tensor.detach().cpu().contiguous()
+        tensors[name] = tensor.half() if half and tensor.is_floating_point() else tensor
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(tensors, str(tmp), metadata={"geoprn": json.dumps(header)})
+    tmp.replace(path)
+    return path
+
+
+def read_header(path: str | Path, kind: str | None = None) -> dict[str, Any]:
+    """Return a checkpoint's JSON header without loading its weights.
+
+    Args:
+        path: a geoprn ``.safetensors`` checkpoint.
+        kind: if given, the kind the caller needs (``base``, ``prn`` or ``bpr``).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise CheckpointError(
+            f"{path} is not a geoprn checkpoint (not a readable safetensors file: {exc})"
+        ) from None
+    try:
+        header = json.loads(metadata["geoprn"])
+    except (KeyError, json.JSONDecodeError):
+        raise CheckpointError(f"{path} is a safetensors file without a geoprn header") from None
+    if header.get("format") != FORMAT or any(k not in header for k in REQUIRED):
+        raise CheckpointError(f"{path} has a malformed geoprn header")
+    if kind is not None and header["kind"] != kind:
+        raise CheckpointError(f"{path} is a {header['kind']} checkpoint, a {kind} one is needed")
+    return header
+
+
+def load_model(
+    path: str | Path, kind: str | None = None, device: str | torch.device = "cpu"
+) -> Predictor:
+    """Load a checkpoint as an eval-mode module mapping inputs to probabilities.
+
+    Args:
+        path: a geoprn ``.safetensors`` checkpoint.
+        kind: if given, the kind the caller needs (``base``, ``prn`` or ``bpr``).
+        device: where to put the weights.
+
+    Returns:
+        A :class:`Predictor` with the header on ``.geoprn_meta``.
+    """
+    meta = read_header(path, kind)
+    try:
+        net = build_network(meta)
+        with safe_open(str(path), framework="pt") as f:
+            state = {name: f.get_tensor(name).float() for name in f.keys()}  # noqa: SIM118
+        net.load_state_dict(state)
+    except (SafetensorError, RuntimeError, TypeError, ValueError, KeyError) as exc:
+        raise CheckpointError(f"{path} does not match its own header: {exc}") from None
+    return Predictor(net, meta).to(device).eval()
+
+
+@lru_cache(maxsize=8)
+def load_cached(path: str, sha256: str, device: str) -> Predictor:
+    """Load a checkpoint once per process (a Dask worker keeps its models across tasks).
+
+    ``sha256`` is part of the cache key so a file replaced on disk is loaded afresh.
+    """
+    return load_model(path, device=device)
+
+
+def file_sha256(path: str | Path) -> str:
+    """SHA-256 of a file, read in chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()

@@ -1,0 +1,461 @@
+"""``refine``: scene → base model → PRN → Zarr + COG, one Dask task per block.
+
+Each block task reads its pixels plus the halo its windows need, runs the stages (base model,
+then the refiner) window batch by window batch, blends overlapping windows with fixed weights,
+crops to its own pixels and writes them into the Zarr store. Nothing holds the whole scene.
+When every block is done, the mask COG is streamed from the store.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import dask
+import numpy as np
+import rasterio
+import torch
+from dask.callbacks import Callback
+
+from geoprn import store
+from geoprn.errors import InputError, SchedulerError
+from geoprn.models.checkpoint import file_sha256, load_cached, read_header
+from geoprn.raster import SceneInfo, open_scene, read_region, write_mask_cog
+from geoprn.tiling import Block, Range, blend_weights, block_grid, cover, touching, window_origins
+
+log = logging.getLogger(__name__)
+
+WEIGHTS_DIR = Path(__file__).parent / "weights"
+DEFAULT_BASE = WEIGHTS_DIR / "base_default.safetensors"
+DEFAULT_PRN = WEIGHTS_DIR / "prn_default.safetensors"
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """A checkpoint as workers see it: a path on a shared file system and its hash."""
+
+    path: str
+    sha256: str
+
+    @classmethod
+    def of(cls, path: str | Path) -> ModelRef:
+        return cls(str(Path(path).resolve()), file_sha256(path))
+
+
+@dataclass(frozen=True)
+class RefineJob:
+    """Everything a block task needs; small and picklable, sent once per task."""
+
+    scene: SceneInfo
+    paths: store.OutputPaths
+    bands: list[int]
+    base: ModelRef | None
+    prn: ModelRef | None
+    probs: str | None
+    tile: int
+    overlap: int
+    batch_size: int
+    device: str
+
+    @property
+    def stages(self) -> list[tuple[str, ModelRef]]:
+        """The model stages in order, each with the Zarr variable it fills."""
+        named = [("base", self.base), ("refined", self.prn)]
+        return [(name, ref) for name, ref in named if ref is not None]
+
+    @property
+    def variables(self) -> list[str]:
+        return ["base", "refined"] if self.prn is not None else ["base"]
+
+
+@dataclass
+class BlockResult:
+    """What one block task did."""
+
+    key: str
+    status: str  # computed | skipped
+    windows: int = 0
+    seconds: float = 0.0
+
+
+@dataclass
+class RunRecord:
+    """The content of ``<stem>_run.json``."""
+
+    inputs: dict[str, Any]
+    blocks: dict[str, int] = field(default_factory=dict)
+    windows: int = 0
+    seconds: dict[str, float] = field(default_factory=dict)
+    outputs: dict[str, str] = field(default_factory=dict)
+
+
+def resolve_device(device: str) -> torch.device:
+    """``auto`` picks the first CUDA GPU when there is one, else the CPU."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except RuntimeError:
+        raise InputError(f"unknown device '{device}' (use auto, cpu or cuda[:N])") from None
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise InputError(f"device '{device}' asked for, but this machine has no CUDA GPU")
+    return resolved
+
+
+def predict_region(
+    model: torch.nn.Module,
+    source: np.ndarray,
+    source_region: tuple[Range, Range],
+    out_region: tuple[Range, Range],
+    origins: tuple[np.ndarray, np.ndarray],
+    tile: int,
+    overlap: int,
+    batch_size: int,
+    device: torch.device,
+) -> tuple[np.ndarray, int]:
+    """Run ``model`` on every grid window touching ``out_region`` and blend them.
+
+    Args:
+        model: maps (N, C, tile, tile) float32 to (N, 1, tile, tile) probabilities.
+        source: (C, H, W) input covering ``source_region`` (which covers every window used).
+        source_region, out_region: (rows, cols) ranges in scene coordinates.
+        origins: the scene-wide window grid (row origins, column origins).
+
+    Returns:
+        The blended (H_out, W_out) float32 probabilities and the number of windows run.
+    """
+    (sy0, _), (sx0, _) = source_region
+    (oy0, oy1), (ox0, ox1) = out_region
+    windows = [
+        (y, x)
+        for y in touching(origins[0], out_region[0], tile)
+        for x in touching(origins[1], out_region[1], tile)
+    ]
+    weights = blend_weights(tile, overlap)
+    total = np.zeros((oy1 - oy0, ox1 - ox0), np.float32)
+    weight_sum = np.zeros_like(total)
+    for start in range(0, len(windows), batch_size):
+        batch = windows[start : start + batch_size]
+        tiles = np.stack(
+            [source[:, y - sy0 : y - sy0 + tile, x - sx0 : x - sx0 + tile] for y, x in batch]
+        )
+        with torch.inference_mode():
+            probs = model(torch.from_numpy(tiles.astype(np.float32)).to(device))
+        probs = probs[:, 0].float().cpu().numpy()
+        for (y, x), prob in zip(batch, probs, strict=True):
+            ya, yb, xa, xb = max(y, oy0), min(y + tile, oy1), max(x, ox0), min(x + tile, ox1)
+            inside = np.s_[ya - y : yb - y, xa - x : xb - x]
+            out = np.s_[ya - oy0 : yb - oy0, xa - ox0 : xb - ox0]
+            total[out] += prob[inside] * weights[inside]
+            weight_sum[out] += weights[inside]
+    return total / weight_sum, len(windows)
+
+
+def _read_probabilities(path: str, rows: Range, cols: Range) -> np.ndarray:
+    """A probability raster over a region as (1, H, W) float32 in [0, 1]; NaN becomes 0."""
+    with rasterio.open(path) as ds:
+        data, _ = read_region(ds, [1], rows, cols)
+        scale = 255.0 if ds.dtypes[0] == "uint8" else 1.0
+    return np.nan_to_num(data.astype(np.float32) / scale, nan=0.0)
+
+
+def process_block(job: RefineJob, block: Block) -> BlockResult:
+    """Compute one block and write it to the store (runs on a Dask worker)."""
+    started = time.perf_counter()
+    with rasterio.open(job.scene.path) as ds:
+        _, valid_here = read_region(ds, None, block.rows, block.cols)
+        if not valid_here.any():
+            store.mark_done(job.paths, block, "skipped")
+            return BlockResult(block.key, "skipped")
+        origins = (
+            window_origins(job.scene.height, job.tile, job.overlap),
+            window_origins(job.scene.width, job.tile, job.overlap),
+        )
+        regions = [(block.rows, block.cols)]
+        for _ in job.stages:
+            rows, cols = regions[0]
+            regions.insert(
+                0, (cover(origins[0], rows, job.tile), cover(origins[1], cols, job.tile))
+            )
+        if job.probs is None:
+            source, valid = read_region(ds, job.bands, *regions[0])
+        else:
+            _, valid = read_region(ds, None, *regions[0])
+            source = _read_probabilities(job.probs, *regions[0])
+
+    device = resolve_device(job.device)
+    (ry0, _), (rx0, _) = regions[0]
+    # each output: (probabilities, top-left scene coordinate of the array)
+    outputs: dict[str, tuple[np.ndarray, tuple[int, int]]] = {}
+    if job.probs is not None:
+        outputs["base"] = source[0], (ry0, rx0)
+    windows = 0
+    for (name, ref), src_region, out_region in zip(job.stages, regions, regions[1:]):
+        model = load_cached(ref.path, ref.sha256, str(device))
+        probs, count = predict_region(
+            model,
+            source,
+            src_region,
+            out_region,
+            origins,
+            job.tile,
+            job.overlap,
+            job.batch_size,
+            device,
+        )
+        windows += count
+        (oy0, oy1), (ox0, ox1) = out_region
+        probs[~valid[oy0 - ry0 : oy1 - ry0, ox0 - rx0 : ox1 - rx0]] = 0.0
+        outputs[name] = probs, (oy0, ox0)
+        source = probs[None]
+
+    (by0, by1), (bx0, bx1) = block.rows, block.cols
+    cropped = {
+        name: np.where(valid_here, probs[by0 - y0 : by1 - y0, bx0 - x0 : bx1 - x0], np.nan).astype(
+            np.float32
+        )
+        for name, (probs, (y0, x0)) in outputs.items()
+    }
+    store.write_block(job.paths, block, cropped)
+    return BlockResult(block.key, "computed", windows, time.perf_counter() - started)
+
+
+class _BlockProgress(Callback):
+    """Reports each finished block task of the local scheduler."""
+
+    def __init__(self, report: Callable[[BlockResult], None]):
+        super().__init__()
+        self.report = report
+
+    def _posttask(self, key, result, dsk, state, worker_id):
+        if isinstance(result, BlockResult):
+            self.report(result)
+
+
+def run_blocks(
+    job: RefineJob,
+    blocks: list[Block],
+    scheduler: str | None,
+    report: Callable[[BlockResult], None],
+) -> list[BlockResult]:
+    """Run the block tasks on the local threaded scheduler or on a ``distributed`` cluster."""
+    tasks = [
+        dask.delayed(process_block, pure=False)(job, block, dask_key_name=f"block-{block.key}")
+        for block in blocks
+    ]
+    if scheduler is None:
+        with _BlockProgress(report):
+            return list(dask.compute(*tasks, scheduler="threads", num_workers=1))
+
+    from distributed import Client, as_completed
+
+    try:
+        client = Client(scheduler, timeout="10s", set_as_default=False)
+    except (OSError, TimeoutError) as exc:
+        raise SchedulerError(f"cannot reach the Dask scheduler at {scheduler}: {exc}") from None
+    results = []
+    with client:
+        for future in as_completed(client.compute(tasks)):
+            results.append(future.result())
+            report(results[-1])
+    return results
+
+
+def refine(
+    scene: str | Path,
+    outdir: str | Path,
+    base: str | Path | None = None,
+    prn: str | Path | None = None,
+    probs: str | Path | None = None,
+    use_prn: bool = True,
+    bands: list[int] | None = None,
+    device: str = "auto",
+    batch_size: int = 8,
+    block_size: int = 2048,
+    overlap: int = 64,
+    scheduler: str | None = None,
+    threshold: float = 0.5,
+    overwrite: bool = False,
+    zarr_format: int = 2,
+    progress: Callable[[int, int, BlockResult], None] | None = None,
+) -> RunRecord:
+    """Segment roads over a whole scene and write Zarr probabilities and a COG mask.
+
+    Args:
+        scene: the GeoTIFF (any raster GDAL reads) to process.
+        outdir: output folder; see :mod:`geoprn.store` for its layout.
+        base: base checkpoint; the shipped default when None.
+        prn: refiner checkpoint; the shipped default when None and one is shipped.
+        probs: a probability raster on the scene's grid, refined instead of running ``base``.
+        use_prn: run the refiner at all.
+        bands: 1-based scene bands to feed the base model (default: the checkpoint's).
+        device: ``auto``, ``cpu`` or ``cuda[:N]``; resolved on each worker.
+        batch_size: windows per forward pass.
+        block_size: pixels per block side, a multiple of 512; does not change the result.
+        overlap: pixels shared by neighbouring 512 windows, blended linearly.
+        scheduler: address of a ``distributed`` scheduler; the local one when None.
+        threshold: probability above which a pixel is road in the mask.
+        overwrite: replace outputs of a different command instead of refusing.
+        zarr_format: 2 (read by GDAL 3.10 with its CRS) or 3.
+        progress: called as ``progress(done, total, result)`` after each block.
+
+    Returns:
+        The run record, also written to ``<stem>_run.json``.
+    """
+    started = time.perf_counter()
+    info = open_scene(scene)
+    job = _plan(info, Path(outdir), base, prn, probs, use_prn, bands, device, batch_size, overlap)
+    if block_size <= 0 or block_size % store.CHUNK:
+        raise InputError(f"--block-size must be a positive multiple of {store.CHUNK}")
+    if zarr_format not in (2, 3):
+        raise InputError("--zarr-format must be 2 or 3")
+    signature = _signature(job, block_size, threshold, zarr_format)
+    resumed = store.prepare(job.paths, signature, overwrite)
+    if not resumed:
+        store.create(job.paths, info, job.variables, signature, zarr_format)
+    blocks = block_grid(info.height, info.width, block_size)
+    done_before = store.finished_blocks(job.paths)
+    todo = [b for b in blocks if b.key not in done_before]
+    log.info("%d blocks: %d to compute, %d done before", len(blocks), len(todo), len(done_before))
+
+    finished = itertools.count(1)
+
+    def report(result: BlockResult) -> None:
+        if progress is not None:
+            progress(next(finished), len(todo), result)
+
+    results = run_blocks(job, todo, scheduler, report)
+    computed = [r for r in results if r.status == "computed"]
+    if not computed and not done_before and blocks:
+        store.remove_outputs(job.paths)
+        raise InputError(f"{info.path} has no valid pixels: every block is nodata")
+    blocks_seconds = time.perf_counter() - started
+
+    mask_source = store.open_variable(job.paths, job.variables[-1])
+    write_mask_cog(mask_source, info, job.paths.mask, threshold)
+    record = RunRecord(
+        inputs={
+            **signature,
+            "device": job.device,
+            "batch_size": batch_size,
+            "scheduler": scheduler or "local threads",
+        },
+        blocks={
+            "total": len(blocks),
+            "computed": len(computed),
+            "skipped": sum(r.status == "skipped" for r in results),
+            "resumed": len(done_before),
+        },
+        windows=sum(r.windows for r in computed),
+        seconds={
+            "blocks": round(blocks_seconds, 3),
+            "total": round(time.perf_counter() - started, 3),
+        },
+        outputs={"zarr": str(job.paths.zarr), "mask": str(job.paths.mask)},
+    )
+    job.paths.run_json.write_text(json.dumps(asdict(record), indent=1))
+    return record
+
+
+def _plan(
+    info: SceneInfo,
+    outdir: Path,
+    base: str | Path | None,
+    prn: str | Path | None,
+    probs: str | Path | None,
+    use_prn: bool,
+    bands: list[int] | None,
+    device: str,
+    batch_size: int,
+    overlap: int,
+) -> RefineJob:
+    """Check the models, bands and options against the scene; build the job."""
+    base_ref = None
+    tile = 512
+    if probs is None:
+        base = Path(base) if base is not None else DEFAULT_BASE
+        header = read_header(base, "base")
+        tile = header["tile_size"]
+        bands = bands or header["bands"]
+        if len(bands) != len(header["bands"]):
+            raise InputError(
+                f"{base} reads {len(header['bands'])} bands, --bands gives {len(bands)}"
+            )
+        if max(bands) > info.count or min(bands) < 1:
+            raise InputError(
+                f"{info.path} has {info.count} band(s); the model reads band(s) "
+                f"{','.join(map(str, bands))} (choose others with --bands)"
+            )
+        base_ref = ModelRef.of(base)
+    else:
+        _check_probabilities(Path(probs), info)
+        bands = []
+    prn_ref = None
+    if use_prn:
+        if prn is None and DEFAULT_PRN.is_file():
+            prn = DEFAULT_PRN
+        if prn is None:
+            warnings.warn(
+                "no PRN weights given or shipped: running the base model only", stacklevel=2
+            )
+        else:
+            header = read_header(prn, "prn")
+            tile = header["tile_size"]
+            prn_ref = ModelRef.of(prn)
+    if not 0 <= overlap < tile // 2 or overlap % 2:
+        raise InputError(f"--overlap must be even and below {tile // 2}")
+    if batch_size < 1:
+        raise InputError("--batch-size must be at least 1")
+    resolve_device(device)  # fail early on a bad device string, workers resolve it again
+    stem = Path(info.path).stem
+    return RefineJob(
+        info,
+        store.OutputPaths(outdir, stem),
+        bands,
+        base_ref,
+        prn_ref,
+        str(Path(probs).resolve()) if probs else None,
+        tile,
+        overlap,
+        batch_size,
+        device,
+    )
+
+
+def _check_probabilities(path: Path, info: SceneInfo) -> None:
+    """A probability raster must be one band on exactly the scene's grid."""
+    other = open_scene(path)
+    if other.shape != info.shape or other.transform != info.transform or other.crs != info.crs:
+        raise InputError(
+            f"{path} ({other.width}x{other.height}) is not on the grid of the scene "
+            f"({info.width}x{info.height}, same CRS and transform needed)"
+        )
+    if other.count != 1:
+        raise InputError(f"{path} has {other.count} bands; a probability raster has one")
+
+
+def _signature(job: RefineJob, block_size: int, threshold: float, zarr_format: int) -> dict:
+    """What makes two runs the same command: everything that changes the outputs."""
+    scene = Path(job.scene.path)
+    stat = scene.stat()
+    return {
+        "scene": str(scene),
+        "scene_bytes": stat.st_size,
+        "scene_mtime_ns": stat.st_mtime_ns,
+        "base": job.base and asdict(job.base),
+        "prn": job.prn and asdict(job.prn),
+        "probs": job.probs,
+        "bands": job.bands,
+        "tile": job.tile,
+        "overlap": job.overlap,
+        "block_size": block_size,
+        "threshold": threshold,
+        "zarr_format": zarr_format,
+    }

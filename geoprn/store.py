@@ -1,0 +1,169 @@
+"""The output folder: the georeferenced Zarr store, per-block done markers, and resume rules.
+
+Layout of ``OUTDIR`` for a scene ``<stem>``::
+
+    <stem>.zarr/         variables base, refined (float32, NaN at nodata, 512 chunks)
+    <stem>_mask.tif      COG mask, written when every block is done
+    <stem>_run.json      what ran, on what, how long
+    .<stem>.geoprn/      run state: signature.json and done/<row>_<col> markers
+
+A block's marker is written only after its data is in the store, so a run killed at any point
+resumes by computing the blocks without a marker. A different command on the same outputs
+is refused unless the caller asks to overwrite.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import dask.array as da
+import numpy as np
+import rioxarray  # noqa: F401  (registers the .rio accessor)
+import xarray as xr
+import zarr
+
+from geoprn.errors import OutputError
+from geoprn.raster import SceneInfo
+from geoprn.tiling import Block
+
+CHUNK = 512
+
+
+@dataclass(frozen=True)
+class OutputPaths:
+    """Where one scene's outputs go."""
+
+    outdir: Path
+    stem: str
+
+    @property
+    def zarr(self) -> Path:
+        return self.outdir / f"{self.stem}.zarr"
+
+    @property
+    def mask(self) -> Path:
+        return self.outdir / f"{self.stem}_mask.tif"
+
+    @property
+    def run_json(self) -> Path:
+        return self.outdir / f"{self.stem}_run.json"
+
+    @property
+    def state(self) -> Path:
+        return self.outdir / f".{self.stem}.geoprn"
+
+    @property
+    def done(self) -> Path:
+        return self.state / "done"
+
+    def outputs(self) -> list[Path]:
+        """Every path this scene's run writes (roads and quicklooks of later stages included)."""
+        extra = [self.outdir / f"{self.stem}{suffix}" for suffix in ("_roads.gpkg",)]
+        return [self.zarr, self.mask, self.run_json, self.state, *extra]
+
+
+def prepare(paths: OutputPaths, signature: dict[str, Any], overwrite: bool) -> bool:
+    """Make the output folder ready; return True when an unfinished run is being resumed.
+
+    Raises:
+        OutputError: the folder is not writable, or it holds outputs of a different command
+            (or outputs with no run state) and ``overwrite`` is false.
+    """
+    try:
+        paths.outdir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputError(f"cannot create output folder {paths.outdir}: {exc.strerror}") from None
+    if not os.access(paths.outdir, os.W_OK | os.X_OK):
+        raise OutputError(f"output folder {paths.outdir} is not writable")
+    existing = [p for p in paths.outputs() if p.exists()]
+    if overwrite:
+        remove_outputs(paths)
+        return False
+    if not existing:
+        return False
+    signature_file = paths.state / "signature.json"
+    if signature_file.is_file():
+        previous = json.loads(signature_file.read_text())
+        if previous == signature:
+            return True
+        changed = sorted(
+            k for k in signature.keys() | previous.keys() if signature.get(k) != previous.get(k)
+        )
+        raise OutputError(
+            f"{paths.outdir} holds outputs of '{paths.stem}' from a different command "
+            f"(differs in: {', '.join(changed)}); use --overwrite to replace them"
+        )
+    names = ", ".join(p.name for p in existing)
+    raise OutputError(f"{paths.outdir} already holds {names}; use --overwrite to replace them")
+
+
+def remove_outputs(paths: OutputPaths) -> None:
+    """Delete this scene's outputs (and nothing else in the folder)."""
+    for path in paths.outputs():
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink(missing_ok=True)
+
+
+def create(
+    paths: OutputPaths,
+    scene: SceneInfo,
+    variables: list[str],
+    signature: dict[str, Any],
+    zarr_format: int = 2,
+) -> None:
+    """Create the empty, georeferenced store (metadata and coordinates only) and run state.
+
+    Data chunks are not written: unwritten chunks read as NaN. xarray writes the CF
+    ``spatial_ref`` grid mapping (via rioxarray), which both ``xarray.open_zarr`` +
+    rioxarray and GDAL's Zarr driver read back.
+    """
+    transform = scene.transform
+    xs = transform.c + transform.a * (np.arange(scene.width) + 0.5)
+    ys = transform.f + transform.e * (np.arange(scene.height) + 0.5)
+    empty = da.full(scene.shape, np.nan, dtype="float32", chunks=CHUNK)
+    ds = xr.Dataset({name: (("y", "x"), empty) for name in variables}, coords={"x": xs, "y": ys})
+    if scene.crs is not None:
+        ds = ds.rio.write_crs(scene.crs)
+    ds = ds.rio.write_transform(transform)
+    for name in variables:
+        ds[name].encoding.pop("grid_mapping", None)
+        ds[name].attrs.update(grid_mapping="spatial_ref", long_name=f"{name} road probability")
+    encoding = {name: {"chunks": (CHUNK, CHUNK), "_FillValue": np.nan} for name in variables}
+    ds.to_zarr(paths.zarr, mode="w", compute=False, zarr_format=zarr_format, encoding=encoding)
+    paths.done.mkdir(parents=True, exist_ok=True)
+    (paths.state / "signature.json").write_text(json.dumps(signature, indent=1, sort_keys=True))
+
+
+def write_block(paths: OutputPaths, block: Block, arrays: dict[str, np.ndarray]) -> None:
+    """Write one block's arrays into the store, then mark the block done."""
+    rows, cols = slice(*block.rows), slice(*block.cols)
+    for name, values in arrays.items():
+        zarr.open_array(paths.zarr / name, mode="r+")[rows, cols] = values
+    mark_done(paths, block, "computed")
+
+
+def mark_done(paths: OutputPaths, block: Block, how: str) -> None:
+    """Record that a block is finished (``computed`` or ``skipped``), atomically."""
+    marker = paths.done / block.key
+    tmp = marker.with_suffix(".tmp")
+    tmp.write_text(how)
+    tmp.replace(marker)
+
+
+def finished_blocks(paths: OutputPaths) -> set[str]:
+    """Keys of the blocks already done."""
+    if not paths.done.is_dir():
+        return set()
+    return {p.name for p in paths.done.iterdir() if not p.name.endswith(".tmp")}
+
+
+def open_variable(paths: OutputPaths, name: str) -> zarr.Array:
+    """One probability variable of the store, for reading."""
+    return zarr.open_array(paths.zarr / name, mode="r")
