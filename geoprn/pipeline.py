@@ -11,6 +11,8 @@ from __future__ import annotations
 import itertools
 import json
 import logging
+import os
+import socket
 import time
 import warnings
 from collections.abc import Callable
@@ -83,6 +85,7 @@ class BlockResult:
     status: str  # computed | skipped
     windows: int = 0
     seconds: float = 0.0
+    worker: str = field(default_factory=lambda: f"{socket.gethostname()}:{os.getpid()}")
 
 
 @dataclass
@@ -257,7 +260,7 @@ def run_blocks(
     from distributed import Client, as_completed
 
     try:
-        client = Client(scheduler, timeout="10s", set_as_default=False)
+        client = Client(scheduler, timeout="5s")
     except (OSError, TimeoutError) as exc:
         raise SchedulerError(f"cannot reach the Dask scheduler at {scheduler}: {exc}") from None
     results = []

@@ -1,0 +1,95 @@
+"""Shared fixtures: real scenes from ../shared/data and the repo sample, small real models."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import rasterio
+from rasterio.transform import from_origin
+
+from geoprn.models.base import build_base
+from geoprn.models.checkpoint import save_checkpoint
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+SAMPLE_SCENE = REPO / "data" / "sample" / "paris_img1447.tif"
+MASSACHUSETTS_TILE = SHARED_DATA / "massachusetts" / "test" / "images" / "10078735_15.png"
+
+# A small, fast encoder so that tests run real forward passes in CI's two CPU cores.
+TINY = {
+    "encoder_name": "timm-mobilenetv3_small_minimal_100",
+    "encoder_depth": 3,
+    "decoder_channels": [16, 8, 8],
+}
+
+
+def write_raster(
+    path: Path,
+    data: np.ndarray,
+    crs: str | None = "EPSG:26919",
+    transform=None,
+    nodata: float | None = None,
+) -> Path:
+    """Write a (C, H, W) array as a GeoTIFF (tiled, like real scenes)."""
+    count, height, width = data.shape
+    profile = {
+        "driver": "GTiff",
+        "width": width,
+        "height": height,
+        "count": count,
+        "dtype": data.dtype.name,
+        "crs": crs,
+        "transform": transform or from_origin(300_000.0, 4_700_000.0, 1.0, 1.0),
+        "nodata": nodata,
+    }
+    if width >= 256 and height >= 256:
+        profile.update(tiled=True, blockxsize=256, blockysize=256)
+    with rasterio.open(path, "w", **profile) as dst:
+        dst.write(data)
+    return path
+
+
+def massachusetts_pixels(height: int = 1500, width: int = 1500) -> np.ndarray:
+    """Top-left crop of a real Massachusetts Roads test tile, (3, H, W) uint8."""
+    with rasterio.open(MASSACHUSETTS_TILE) as src:
+        return src.read(window=((0, height), (0, width)))
+
+
+def make_checkpoint(path: Path, kind: str, in_channels: int, seed: int, **meta) -> Path:
+    """A real (randomly initialised) smp network saved as a geoprn checkpoint."""
+    import torch
+
+    torch.manual_seed(seed)
+    arguments = {**TINY, "in_channels": in_channels}
+    header = {
+        "kind": kind,
+        "architecture": "Unet",
+        "arguments": arguments,
+        "bands": list(range(1, in_channels + 1)),
+        "tile_size": 512,
+        **meta,
+    }
+    return save_checkpoint(build_base("Unet", arguments), header, path)
+
+
+@pytest.fixture(scope="session")
+def models(tmp_path_factory) -> dict[str, Path]:
+    """Base (RGB, uint8 statistics), one-band base (uint16), and a refiner checkpoint."""
+    root = tmp_path_factory.mktemp("models")
+    rgb = {"mean": [110.0, 110.0, 100.0], "std": [50.0, 50.0, 50.0]}
+    return {
+        "base": make_checkpoint(root / "base.safetensors", "base", 3, 0, **rgb),
+        "base1": make_checkpoint(
+            root / "base1.safetensors", "base", 1, 1, mean=[400.0], std=[200.0]
+        ),
+        "prn": make_checkpoint(root / "prn.safetensors", "prn", 1, 2),
+    }
+
+
+@pytest.fixture(scope="session")
+def mass_scene(tmp_path_factory) -> Path:
+    """A real 1100 x 900 aerial scene (Massachusetts Roads, 1 m) given a UTM 19N grid."""
+    path = tmp_path_factory.mktemp("scenes") / "mass.tif"
+    return write_raster(path, massachusetts_pixels(900, 1100))

@@ -1,0 +1,69 @@
+"""One checkpoint format: round trip, fp16, and refusal of corrupt, wrong-kind or pickled files."""
+
+import pickle
+
+import pytest
+import torch
+
+from geoprn import load_model
+from geoprn.errors import CheckpointError
+from geoprn.models.checkpoint import read_header, save_checkpoint
+
+
+def test_round_trip_gives_the_same_predictions(models, tmp_path):
+    model = load_model(models["base"])
+    assert not model.training
+    assert model.geoprn_meta["kind"] == "base" and model.geoprn_meta["bands"] == [1, 2, 3]
+    x = torch.rand(2, 3, 512, 512) * 255
+    with torch.inference_mode():
+        p = model(x)
+    assert p.shape == (2, 1, 512, 512) and 0 <= p.min() and p.max() <= 1
+    copy = save_checkpoint(model, model.geoprn_meta, tmp_path / "copy.safetensors")
+    with torch.inference_mode():
+        torch.testing.assert_close(load_model(copy)(x), p)
+
+
+def test_half_precision_export_is_close_and_half_the_size(models, tmp_path):
+    model = load_model(models["base"])
+    half = save_checkpoint(model, model.geoprn_meta, tmp_path / "half.safetensors", half=True)
+    assert half.stat().st_size < 0.6 * models["base"].stat().st_size
+    x = torch.rand(1, 3, 512, 512) * 255
+    with torch.inference_mode():
+        assert (load_model(half)(x) - model(x)).abs().max() < 1e-2
+
+
+def test_wrong_kind_is_refused(models):
+    with pytest.raises(CheckpointError, match="is a prn checkpoint, a base one"):
+        load_model(models["prn"], kind="base")
+
+
+def test_corrupt_file_is_refused(models, tmp_path):
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(models["base"].read_bytes()[:5000])
+    with pytest.raises(CheckpointError):
+        load_model(bad)
+    junk = tmp_path / "junk.safetensors"
+    junk.write_bytes(b"\x00" * 64)
+    with pytest.raises(CheckpointError, match="not a geoprn checkpoint"):
+        read_header(junk)
+
+
+class _Payload:
+    """Unpickling this writes a file: proof that a pickle was executed."""
+
+    def __init__(self, target):
+        self.target = target
+
+    def __reduce__(self):
+        return (open, (self.target, "w"))
+
+
+def test_a_pickle_is_never_executed(tmp_path):
+    target = tmp_path / "pwned"
+    ckpt = tmp_path / "model.pt"
+    ckpt.write_bytes(pickle.dumps({"state_dict": _Payload(str(target))}))
+    with pytest.raises(CheckpointError, match="not a geoprn checkpoint"):
+        load_model(ckpt)
+    assert not target.exists()
+    pickle.loads(ckpt.read_bytes())  # the payload is live: unpickling does create the file
+    assert target.exists()

@@ -1,0 +1,233 @@
+"""refine end to end on real imagery: invariance, distribution, resume, nodata, georeferencing."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import rasterio
+import rioxarray  # noqa: F401
+import xarray as xr
+import zarr
+
+from geoprn import refine
+from geoprn.errors import InputError, OutputError, SchedulerError
+from tests.conftest import SHARED_DATA, massachusetts_pixels, write_raster
+
+STEM = "mass"
+
+
+def read(outdir: Path, name: str, stem: str = STEM) -> np.ndarray:
+    return zarr.open_array(outdir / f"{stem}.zarr" / name, mode="r")[:]
+
+
+def mask(outdir: Path, stem: str = STEM) -> np.ndarray:
+    with rasterio.open(outdir / f"{stem}_mask.tif") as ds:
+        return ds.read(1)
+
+
+@pytest.fixture(scope="module")
+def reference(mass_scene, models, tmp_path_factory) -> Path:
+    """One uninterrupted local run with 1024 blocks: what every other run must reproduce."""
+    out = tmp_path_factory.mktemp("reference")
+    refine(mass_scene, out, base=models["base"], prn=models["prn"], block_size=1024, device="cpu")
+    return out
+
+
+def assert_same_outputs(a: Path, b: Path, stem: str = STEM) -> None:
+    for name in ("base", "refined"):
+        np.testing.assert_array_equal(read(a, name, stem), read(b, name, stem))
+    np.testing.assert_array_equal(mask(a, stem), mask(b, stem))
+
+
+def test_outputs_are_probabilities_and_a_mask_of_them(reference):
+    base, refined = read(reference, "base"), read(reference, "refined")
+    assert base.shape == refined.shape == (900, 1100)
+    assert np.isfinite(refined).all() and 0 <= refined.min() and refined.max() <= 1
+    assert not np.array_equal(base, refined)
+    np.testing.assert_array_equal(mask(reference), (refined > 0.5).astype("uint8"))
+    record = json.loads((reference / f"{STEM}_run.json").read_text())
+    assert record["blocks"] == {"total": 2, "computed": 2, "skipped": 0, "resumed": 0}
+
+
+def test_zarr_and_mask_are_georeferenced_like_the_scene(reference, mass_scene):
+    with rasterio.open(mass_scene) as scene:
+        crs, transform, shape = scene.crs, scene.transform, scene.shape
+    ds = xr.open_zarr(reference / f"{STEM}.zarr", decode_coords="all")
+    assert ds.rio.crs == crs and ds.rio.transform() == transform
+    assert ds["refined"].shape == shape and ds["refined"].encoding["chunks"] == (512, 512)
+    with rasterio.open(f'ZARR:"{reference / f"{STEM}.zarr"}":/refined') as gdal_view:
+        assert gdal_view.crs == crs and gdal_view.transform.almost_equals(transform)
+        np.testing.assert_array_equal(gdal_view.read(1), read(reference, "refined"))
+    with rasterio.open(reference / f"{STEM}_mask.tif") as m:
+        assert (m.crs, m.transform, m.shape, m.nodata) == (crs, transform, shape, 255)
+        assert m.tags(ns="IMAGE_STRUCTURE")["LAYOUT"] == "COG" and m.overviews(1)
+
+
+def test_output_does_not_depend_on_block_size(reference, mass_scene, models, tmp_path):
+    record = refine(mass_scene, tmp_path, base=models["base"], prn=models["prn"],
+                    block_size=512, batch_size=3, device="cpu")
+    assert record.blocks["computed"] == 6
+    assert_same_outputs(reference, tmp_path)
+
+
+def test_distributed_run_equals_local_run(reference, mass_scene, models, tmp_path):
+    from distributed import LocalCluster
+
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
+                      dashboard_address=None) as cluster:
+        seen = set()
+        record = refine(mass_scene, tmp_path, base=models["base"], prn=models["prn"],
+                        block_size=512, device="cpu", scheduler=cluster.scheduler_address,
+                        progress=lambda done, total, result: seen.add(result.worker))
+    assert record.blocks["computed"] == 6
+    assert len(seen) == 2 and not any(w.endswith(f":{os.getpid()}") for w in seen)
+    assert_same_outputs(reference, tmp_path)
+
+
+def test_unreachable_scheduler_fails_fast(mass_scene, models, tmp_path):
+    started = time.perf_counter()
+    with pytest.raises(SchedulerError, match="cannot reach"):
+        refine(mass_scene, tmp_path, base=models["base"], prn=models["prn"], device="cpu",
+               scheduler="tcp://127.0.0.1:9")
+    assert time.perf_counter() - started < 20
+
+
+def test_killed_run_resumes_to_the_same_outputs(tmp_path, models):
+    scene = write_raster(tmp_path / f"{STEM}.tif", massachusetts_pixels(1500, 1500))
+    args = [sys.executable, "-m", "geoprn", "refine", str(scene), "--base", str(models["base"]),
+            "--prn", str(models["prn"]), "--block-size", "512", "--device", "cpu"]
+    out = tmp_path / "killed"
+    done = out / f".{STEM}.geoprn" / "done"
+    proc = subprocess.Popen([*args, "-o", str(out)], stderr=subprocess.DEVNULL)
+    while proc.poll() is None and len(list(done.glob("*_*"))) < 2:
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    finished = len(list(done.glob("*_*")))
+    assert 2 <= finished < 9, "the run must be killed mid-way"
+    assert not (out / f"{STEM}_mask.tif").exists()
+
+    subprocess.run([*args, "-o", str(out)], check=True, capture_output=True)
+    record = json.loads((out / f"{STEM}_run.json").read_text())["blocks"]
+    assert record["resumed"] == finished and record["computed"] == 9 - finished
+    subprocess.run([*args, "-o", str(tmp_path / "whole")], check=True, capture_output=True)
+    assert_same_outputs(out, tmp_path / "whole")
+
+
+def test_nodata_is_nan_masked_and_empty_blocks_are_skipped(tmp_path, models):
+    pixels = massachusetts_pixels(900, 1100)
+    pixels[:, :512, :512] = 0  # one whole block without data
+    pixels[:, 700:, 900:] = 0  # and a corner of another
+    scene = write_raster(tmp_path / f"{STEM}.tif", pixels, nodata=0)
+    record = refine(scene, tmp_path / "out", base=models["base"], prn=models["prn"],
+                    block_size=512, device="cpu")
+    assert record.blocks["skipped"] == 1 and record.blocks["computed"] == 5
+    refined, m = read(tmp_path / "out", "refined"), mask(tmp_path / "out")
+    nodata = (pixels == 0).all(axis=0)
+    assert np.isnan(refined[nodata]).all() and np.isfinite(refined[~nodata]).all()
+    assert (m[nodata] == 255).all() and (m[~nodata] <= 1).all()
+
+
+def test_all_nodata_scene_is_an_error_and_leaves_nothing(tmp_path, models):
+    scene = write_raster(tmp_path / "empty.tif", np.zeros((3, 600, 600), np.uint8), nodata=0)
+    with pytest.raises(InputError, match="no valid pixels"):
+        refine(scene, tmp_path / "out", base=models["base"], prn=models["prn"], device="cpu")
+    assert not list((tmp_path / "out").iterdir())
+
+
+@pytest.mark.parametrize("shape", [(300, 700), (513, 513), (40, 90)])
+def test_odd_and_small_scenes(tmp_path, models, shape):
+    scene = write_raster(tmp_path / f"{STEM}.tif", massachusetts_pixels(*shape))
+    refine(scene, tmp_path / "out", base=models["base"], prn=models["prn"], device="cpu")
+    refined = read(tmp_path / "out", "refined")
+    assert refined.shape == shape and np.isfinite(refined).all()
+
+
+def test_scene_without_crs_gives_outputs_without_crs(tmp_path, models):
+    scene = write_raster(tmp_path / f"{STEM}.tif", massachusetts_pixels(300, 400), crs=None)
+    with pytest.warns(UserWarning, match="no CRS"):
+        refine(scene, tmp_path / "out", base=models["base"], prn=models["prn"], device="cpu")
+    with rasterio.open(tmp_path / "out" / f"{STEM}_mask.tif") as m:
+        assert m.crs is None and m.shape == (300, 400)
+    assert xr.open_zarr(tmp_path / "out" / f"{STEM}.zarr", decode_coords="all").rio.crs is None
+
+
+def test_uint16_single_band_scene(tmp_path, models):
+    scene = SHARED_DATA / "spacenet" / "solaris_pan_utm.tif"
+    record = refine(scene, tmp_path, base=models["base1"], use_prn=False, device="cpu")
+    base = read(tmp_path, "base", "solaris_pan_utm")
+    assert base.shape == (900, 900) and np.isfinite(base).all()
+    assert not (tmp_path / "solaris_pan_utm.zarr" / "refined").exists()
+    assert record.blocks["computed"] == 1
+
+
+def test_float32_scene_gives_what_its_uint8_twin_gives(tmp_path, models):
+    pixels = massachusetts_pixels(400, 500)
+    (tmp_path / "f").mkdir()
+    (tmp_path / "u").mkdir()
+    as_float = write_raster(tmp_path / "f" / f"{STEM}.tif", pixels.astype(np.float32))
+    as_uint8 = write_raster(tmp_path / "u" / f"{STEM}.tif", pixels)
+    refine(as_float, tmp_path / "f", base=models["base"], use_prn=False, device="cpu")
+    refine(as_uint8, tmp_path / "u", base=models["base"], use_prn=False, device="cpu")
+    np.testing.assert_array_equal(read(tmp_path / "f", "base"), read(tmp_path / "u", "base"))
+
+
+def test_band_selection_and_band_count_errors(tmp_path, models):
+    naip = SHARED_DATA / "naip" / "m_4709963_se_14_1_20190904.tif"
+    refine(naip, tmp_path / "rgb", base=models["base"], use_prn=False, device="cpu")
+    refine(naip, tmp_path / "bgr", base=models["base"], use_prn=False, device="cpu",
+           bands=[3, 2, 1])
+    stem = naip.stem
+    assert not np.array_equal(read(tmp_path / "rgb", "base", stem),
+                              read(tmp_path / "bgr", "base", stem))
+    one_band = SHARED_DATA / "spacenet" / "solaris_pan_utm.tif"
+    with pytest.raises(InputError, match="has 1 band"):
+        refine(one_band, tmp_path / "x", base=models["base"], device="cpu")
+    with pytest.raises(InputError, match="reads 3 bands, --bands gives 2"):
+        refine(naip, tmp_path / "y", base=models["base"], device="cpu", bands=[1, 2])
+
+
+def test_refining_a_probability_raster(tmp_path, models, reference, mass_scene):
+    with rasterio.open(mass_scene) as scene:
+        profile = {**scene.profile, "count": 1, "dtype": "float32", "nodata": None}
+    probs_path = tmp_path / "probs.tif"
+    base = read(reference, "base")
+    with rasterio.open(probs_path, "w", **profile) as dst:
+        dst.write(base, 1)
+    refine(mass_scene, tmp_path / "out", probs=probs_path, prn=models["prn"], device="cpu")
+    np.testing.assert_array_equal(read(tmp_path / "out", "base"), base)
+    refined = read(tmp_path / "out", "refined")
+    assert np.isfinite(refined).all() and not np.array_equal(refined, base)
+    shifted = tmp_path / "shifted.tif"
+    with rasterio.open(shifted, "w", **{**profile, "width": 1000}) as dst:
+        dst.write(base[:, :1000], 1)
+    with pytest.raises(InputError, match="not on the grid"):
+        refine(mass_scene, tmp_path / "bad", probs=shifted, prn=models["prn"], device="cpu")
+
+
+def test_a_different_command_on_existing_outputs_is_refused(reference, mass_scene, models,
+                                                            tmp_path):
+    out = tmp_path / "out"
+    refine(mass_scene, out, base=models["base"], use_prn=False, device="cpu")
+    before = read(out, "base")
+    with pytest.raises(OutputError, match="differs in: .*threshold"):
+        refine(mass_scene, out, base=models["base"], use_prn=False, device="cpu", threshold=0.3)
+    np.testing.assert_array_equal(read(out, "base"), before)
+    refine(mass_scene, out, base=models["base"], prn=models["prn"], device="cpu",
+           block_size=1024, overwrite=True)
+    assert_same_outputs(reference, out)
+
+
+def test_unwritable_output_folder(mass_scene, models, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    with pytest.raises(OutputError, match="cannot create output folder"):
+        refine(mass_scene, blocker / "out", base=models["base"], device="cpu")

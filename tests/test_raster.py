@@ -1,0 +1,84 @@
+"""Scene validation, reflect-padded reads and the COG writer, on real imagery."""
+
+
+import numpy as np
+import pytest
+import rasterio
+
+from geoprn.errors import InputError
+from geoprn.raster import open_scene, read_region, reflect_index, write_mask_cog
+from tests.conftest import SAMPLE_SCENE, massachusetts_pixels, write_raster
+
+
+def test_reflect_index_matches_numpy_reflect_padding():
+    for length in (1, 2, 5, 17):
+        values = np.arange(length)
+        pad = 40
+        expected = np.pad(values, pad, mode="reflect") if length > 1 else np.zeros(2 * pad + 1)
+        got = values[reflect_index(np.arange(-pad, length + pad), length)]
+        np.testing.assert_array_equal(got, expected)
+
+
+def test_read_region_past_the_edges_is_the_reflected_scene():
+    with rasterio.open(SAMPLE_SCENE) as ds:
+        full = ds.read()
+        data, valid = read_region(ds, [3, 2, 1], (-100, 700), (550, 900))
+    padded = np.pad(full[[2, 1, 0]], ((0, 0), (100, 100), (0, 250)), mode="reflect")
+    np.testing.assert_array_equal(data, padded[:, :800, 550:900])
+    assert valid.shape == (800, 350) and valid.all()
+
+
+def test_open_scene_reads_the_header(mass_scene):
+    info = open_scene(mass_scene)
+    assert (info.width, info.height, info.count, info.dtype) == (1100, 900, 3, "uint8")
+    assert info.crs.to_epsg() == 26919
+    assert info.pixel_area_m2 == pytest.approx(1.0)
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(InputError, match="not found"):
+        open_scene(tmp_path / "nope.tif")
+
+
+def test_not_a_raster(tmp_path):
+    path = tmp_path / "notes.tif"
+    path.write_text("these are not pixels\n")
+    with pytest.raises(InputError, match="not a raster"):
+        open_scene(path)
+
+
+def test_truncated_geotiff(tmp_path, mass_scene):
+    path = tmp_path / "cut.tif"
+    data = mass_scene.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(InputError, match="truncated|not a raster"):
+        open_scene(path)
+
+
+def test_tiny_scene_is_refused(tmp_path):
+    path = write_raster(tmp_path / "tiny.tif", massachusetts_pixels(8, 40))
+    with pytest.raises(InputError, match="at least"):
+        open_scene(path)
+
+
+def test_scene_without_crs_warns(tmp_path):
+    path = write_raster(tmp_path / "nocrs.tif", massachusetts_pixels(64, 64), crs=None)
+    with pytest.warns(UserWarning, match="no CRS"):
+        info = open_scene(path)
+    assert info.crs is None
+
+
+def test_mask_cog_is_aligned_tiled_with_overviews(tmp_path, mass_scene):
+    info = open_scene(mass_scene)
+    probs = np.random.default_rng(0).random(info.shape, dtype=np.float32)
+    probs[:100, :100] = np.nan
+    out = tmp_path / "mask.tif"
+    write_mask_cog(probs, info, out, threshold=0.5)
+    with rasterio.open(out) as ds, rasterio.open(mass_scene) as src:
+        assert ds.tags(ns="IMAGE_STRUCTURE")["LAYOUT"] == "COG"
+        assert (ds.crs, ds.transform, ds.shape) == (src.crs, src.transform, src.shape)
+        assert ds.nodata == 255 and ds.dtypes[0] == "uint8" and ds.overviews(1)
+        mask = ds.read(1)
+    assert np.all(mask[:100, :100] == 255)
+    np.testing.assert_array_equal(mask[100:, 100:], probs[100:, 100:] > 0.5)
+    assert not list(tmp_path.glob("*.part*"))

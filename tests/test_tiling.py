@@ -1,0 +1,52 @@
+"""The window grid covers every pixel with margin, blends to one, and blocks tile the scene."""
+
+import numpy as np
+import pytest
+
+from geoprn.tiling import blend_weights, block_grid, cover, touching, window_origins
+
+
+@pytest.mark.parametrize("length", [16, 300, 447, 511, 512, 513, 700, 1024, 1500, 20_001])
+@pytest.mark.parametrize("overlap", [0, 64, 128])
+def test_windows_cover_every_pixel_with_margin(length, overlap):
+    tile = 512
+    origins = window_origins(length, tile, overlap)
+    assert np.all(np.diff(origins) == tile - overlap)
+    margin = overlap // 2
+    assert origins[0] <= -margin
+    assert origins[-1] + tile >= length + margin
+    # the grid holds no window that lies wholly in the padding
+    assert origins[-1] < length and origins[0] + tile > 0
+
+
+def test_blend_weights_are_a_partition_of_unity_across_overlaps():
+    tile, overlap = 512, 64
+    w = blend_weights(tile, overlap)[0] / blend_weights(tile, overlap)[0].max()
+    stride = tile - overlap
+    line = np.zeros(stride * 3 + tile)
+    for k in range(4):
+        line[k * stride : k * stride + tile] += w
+    interior = line[overlap : 3 * stride + tile - overlap]
+    np.testing.assert_allclose(interior, 1.0, atol=1e-6)
+    assert w.min() > 0
+
+
+def test_cover_contains_every_window_touching_a_span():
+    origins = window_origins(3000, 512, 64)
+    span = (1024, 1536)
+    hits = touching(origins, span, 512)
+    lo, hi = cover(origins, span, 512)
+    assert lo == hits.min() and hi == hits.max() + 512
+    assert all(o < span[1] and o + 512 > span[0] for o in hits)
+    others = np.setdiff1d(origins, hits)
+    assert all(o >= span[1] or o + 512 <= span[0] for o in others)
+
+
+@pytest.mark.parametrize("shape", [(300, 700), (513, 513), (2048, 4096), (5000, 1234)])
+def test_blocks_tile_the_scene_exactly_once(shape):
+    count = np.zeros(shape, np.int32)
+    blocks = block_grid(*shape, 1024)
+    for b in blocks:
+        count[slice(*b.rows), slice(*b.cols)] += 1
+    assert np.all(count == 1)
+    assert len({b.key for b in blocks}) == len(blocks)
