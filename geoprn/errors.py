@@ -19,3 +19,7 @@ class OutputError(GeoprnError):
 
 class SchedulerError(GeoprnError):
     """The Dask scheduler cannot be reached or a block task failed."""
+
+
+class GeoprnWarning(UserWarning):
+    """Something the user should know that does not stop the run (the CLI prints it once)."""

@@ -27,7 +27,7 @@ import torch
 from dask.callbacks import Callback
 
 from geoprn import store
-from geoprn.errors import InputError, SchedulerError
+from geoprn.errors import GeoprnWarning, InputError, SchedulerError
 from geoprn.models.checkpoint import file_sha256, load_cached, read_header
 from geoprn.raster import SceneInfo, open_scene, read_region, write_mask_cog
 from geoprn.tiling import Block, Range, blend_weights, block_grid, cover, touching, window_origins
@@ -200,7 +200,9 @@ def process_block(job: RefineJob, block: Block) -> BlockResult:
     if job.probs is not None:
         outputs["base"] = source[0], (ry0, rx0)
     windows = 0
-    for (name, ref), src_region, out_region in zip(job.stages, regions, regions[1:]):
+    for (name, ref), src_region, out_region in zip(
+        job.stages, regions[:-1], regions[1:], strict=True
+    ):
         model = load_cached(ref.path, ref.sha256, str(device))
         probs, count = predict_region(
             model,
@@ -406,7 +408,9 @@ def _plan(
             prn = DEFAULT_PRN
         if prn is None:
             warnings.warn(
-                "no PRN weights given or shipped: running the base model only", stacklevel=2
+                "no PRN weights given or shipped: running the base model only",
+                GeoprnWarning,
+                stacklevel=2,
             )
         else:
             header = read_header(prn, "prn")

@@ -15,7 +15,7 @@ import rasterio.shutil
 from rasterio.errors import NotGeoreferencedWarning, RasterioError
 from rasterio.windows import Window
 
-from geoprn.errors import InputError
+from geoprn.errors import GeoprnWarning, InputError
 from geoprn.tiling import Range
 
 log = logging.getLogger(__name__)
@@ -81,7 +81,9 @@ def open_scene(path: str | Path) -> SceneInfo:
             f"{path} is {info.width}x{info.height} px; scenes need at least {MIN_SIDE} px a side"
         )
     if info.crs is None:
-        warnings.warn(f"{path} has no CRS; outputs will carry none either", stacklevel=2)
+        warnings.warn(
+            f"{path} has no CRS; outputs will carry none either", GeoprnWarning, stacklevel=2
+        )
     return info
 
 

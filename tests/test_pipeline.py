@@ -50,7 +50,7 @@ def assert_same_outputs(a: Path, b: Path, stem: str = STEM) -> None:
 def test_outputs_are_probabilities_and_a_mask_of_them(reference):
     base, refined = read(reference, "base"), read(reference, "refined")
     assert base.shape == refined.shape == (900, 1100)
-    assert np.isfinite(refined).all() and 0 <= refined.min() and refined.max() <= 1
+    assert np.isfinite(refined).all() and refined.min() >= 0 and refined.max() <= 1
     assert not np.array_equal(base, refined)
     np.testing.assert_array_equal(mask(reference), (refined > 0.5).astype("uint8"))
     record = json.loads((reference / f"{STEM}_run.json").read_text())
@@ -72,8 +72,15 @@ def test_zarr_and_mask_are_georeferenced_like_the_scene(reference, mass_scene):
 
 
 def test_output_does_not_depend_on_block_size(reference, mass_scene, models, tmp_path):
-    record = refine(mass_scene, tmp_path, base=models["base"], prn=models["prn"],
-                    block_size=512, batch_size=3, device="cpu")
+    record = refine(
+        mass_scene,
+        tmp_path,
+        base=models["base"],
+        prn=models["prn"],
+        block_size=512,
+        batch_size=3,
+        device="cpu",
+    )
     assert record.blocks["computed"] == 6
     assert_same_outputs(reference, tmp_path)
 
@@ -81,12 +88,20 @@ def test_output_does_not_depend_on_block_size(reference, mass_scene, models, tmp
 def test_distributed_run_equals_local_run(reference, mass_scene, models, tmp_path):
     from distributed import LocalCluster
 
-    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
-                      dashboard_address=None) as cluster:
+    with LocalCluster(
+        n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None
+    ) as cluster:
         seen = set()
-        record = refine(mass_scene, tmp_path, base=models["base"], prn=models["prn"],
-                        block_size=512, device="cpu", scheduler=cluster.scheduler_address,
-                        progress=lambda done, total, result: seen.add(result.worker))
+        record = refine(
+            mass_scene,
+            tmp_path,
+            base=models["base"],
+            prn=models["prn"],
+            block_size=512,
+            device="cpu",
+            scheduler=cluster.scheduler_address,
+            progress=lambda done, total, result: seen.add(result.worker),
+        )
     assert record.blocks["computed"] == 6
     assert len(seen) == 2 and not any(w.endswith(f":{os.getpid()}") for w in seen)
     assert_same_outputs(reference, tmp_path)
@@ -95,15 +110,34 @@ def test_distributed_run_equals_local_run(reference, mass_scene, models, tmp_pat
 def test_unreachable_scheduler_fails_fast(mass_scene, models, tmp_path):
     started = time.perf_counter()
     with pytest.raises(SchedulerError, match="cannot reach"):
-        refine(mass_scene, tmp_path, base=models["base"], prn=models["prn"], device="cpu",
-               scheduler="tcp://127.0.0.1:9")
+        refine(
+            mass_scene,
+            tmp_path,
+            base=models["base"],
+            prn=models["prn"],
+            device="cpu",
+            scheduler="tcp://127.0.0.1:9",
+        )
     assert time.perf_counter() - started < 20
 
 
 def test_killed_run_resumes_to_the_same_outputs(tmp_path, models):
     scene = write_raster(tmp_path / f"{STEM}.tif", massachusetts_pixels(1500, 1500))
-    args = [sys.executable, "-m", "geoprn", "refine", str(scene), "--base", str(models["base"]),
-            "--prn", str(models["prn"]), "--block-size", "512", "--device", "cpu"]
+    args = [
+        sys.executable,
+        "-m",
+        "geoprn",
+        "refine",
+        str(scene),
+        "--base",
+        str(models["base"]),
+        "--prn",
+        str(models["prn"]),
+        "--block-size",
+        "512",
+        "--device",
+        "cpu",
+    ]
     out = tmp_path / "killed"
     done = out / f".{STEM}.geoprn" / "done"
     proc = subprocess.Popen([*args, "-o", str(out)], stderr=subprocess.DEVNULL)
@@ -127,8 +161,14 @@ def test_nodata_is_nan_masked_and_empty_blocks_are_skipped(tmp_path, models):
     pixels[:, :512, :512] = 0  # one whole block without data
     pixels[:, 700:, 900:] = 0  # and a corner of another
     scene = write_raster(tmp_path / f"{STEM}.tif", pixels, nodata=0)
-    record = refine(scene, tmp_path / "out", base=models["base"], prn=models["prn"],
-                    block_size=512, device="cpu")
+    record = refine(
+        scene,
+        tmp_path / "out",
+        base=models["base"],
+        prn=models["prn"],
+        block_size=512,
+        device="cpu",
+    )
     assert record.blocks["skipped"] == 1 and record.blocks["computed"] == 5
     refined, m = read(tmp_path / "out", "refined"), mask(tmp_path / "out")
     nodata = (pixels == 0).all(axis=0)
@@ -183,11 +223,13 @@ def test_float32_scene_gives_what_its_uint8_twin_gives(tmp_path, models):
 def test_band_selection_and_band_count_errors(tmp_path, models):
     naip = SHARED_DATA / "naip" / "m_4709963_se_14_1_20190904.tif"
     refine(naip, tmp_path / "rgb", base=models["base"], use_prn=False, device="cpu")
-    refine(naip, tmp_path / "bgr", base=models["base"], use_prn=False, device="cpu",
-           bands=[3, 2, 1])
+    refine(
+        naip, tmp_path / "bgr", base=models["base"], use_prn=False, device="cpu", bands=[3, 2, 1]
+    )
     stem = naip.stem
-    assert not np.array_equal(read(tmp_path / "rgb", "base", stem),
-                              read(tmp_path / "bgr", "base", stem))
+    assert not np.array_equal(
+        read(tmp_path / "rgb", "base", stem), read(tmp_path / "bgr", "base", stem)
+    )
     one_band = SHARED_DATA / "spacenet" / "solaris_pan_utm.tif"
     with pytest.raises(InputError, match="has 1 band"):
         refine(one_band, tmp_path / "x", base=models["base"], device="cpu")
@@ -213,16 +255,24 @@ def test_refining_a_probability_raster(tmp_path, models, reference, mass_scene):
         refine(mass_scene, tmp_path / "bad", probs=shifted, prn=models["prn"], device="cpu")
 
 
-def test_a_different_command_on_existing_outputs_is_refused(reference, mass_scene, models,
-                                                            tmp_path):
+def test_a_different_command_on_existing_outputs_is_refused(
+    reference, mass_scene, models, tmp_path
+):
     out = tmp_path / "out"
     refine(mass_scene, out, base=models["base"], use_prn=False, device="cpu")
     before = read(out, "base")
     with pytest.raises(OutputError, match="differs in: .*threshold"):
         refine(mass_scene, out, base=models["base"], use_prn=False, device="cpu", threshold=0.3)
     np.testing.assert_array_equal(read(out, "base"), before)
-    refine(mass_scene, out, base=models["base"], prn=models["prn"], device="cpu",
-           block_size=1024, overwrite=True)
+    refine(
+        mass_scene,
+        out,
+        base=models["base"],
+        prn=models["prn"],
+        device="cpu",
+        block_size=1024,
+        overwrite=True,
+    )
     assert_same_outputs(reference, out)
 
 

@@ -1,6 +1,5 @@
 """Scene validation, reflect-padded reads and the COG writer, on real imagery."""
 
-
 import numpy as np
 import pytest
 import rasterio

@@ -8,7 +8,7 @@ import warnings
 import click
 
 from geoprn import __version__
-from geoprn.errors import GeoprnError
+from geoprn.errors import GeoprnError, GeoprnWarning
 
 
 class GeoprnGroup(click.Group):
@@ -16,7 +16,11 @@ class GeoprnGroup(click.Group):
 
     def invoke(self, ctx: click.Context):
         try:
-            return super().invoke(ctx)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # third-party chatter
+                warnings.simplefilter("default", GeoprnWarning)
+                warnings.showwarning = _show_warning
+                return super().invoke(ctx)
         except GeoprnError as exc:
             click.echo(f"geoprn: error: {exc}", err=True)
             ctx.exit(1)
@@ -35,7 +39,6 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
 def cli(verbose: bool) -> None:
     """Road segmentation of large GeoTIFF scenes: base model + PatchRefineNet, on Dask."""
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(message)s")
-    warnings.showwarning = _show_warning
 
 
 def _register() -> None:

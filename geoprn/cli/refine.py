@@ -5,7 +5,8 @@ from __future__ import annotations
 import click
 from tqdm import tqdm
 
-from geoprn.pipeline import BlockResult, refine as run_refine
+from geoprn.pipeline import BlockResult
+from geoprn.pipeline import refine as run_refine
 
 
 def _bands(ctx: click.Context, param: click.Parameter, value: str | None) -> list[int] | None:
@@ -19,31 +20,74 @@ def _bands(ctx: click.Context, param: click.Parameter, value: str | None) -> lis
 
 @click.command()
 @click.argument("scene", type=click.Path(dir_okay=False))
-@click.option("-o", "--outdir", required=True, type=click.Path(file_okay=False),
-              help="Output folder (created if missing).")
-@click.option("--base", type=click.Path(dir_okay=False), help="Base model checkpoint "
-              "(default: the shipped weights).")
-@click.option("--prn", type=click.Path(dir_okay=False), help="PRN checkpoint "
-              "(default: the shipped weights, when shipped).")
-@click.option("--probs", type=click.Path(dir_okay=False),
-              help="Refine this probability raster (on the scene's grid) instead of running "
-              "the base model.")
+@click.option(
+    "-o",
+    "--outdir",
+    required=True,
+    type=click.Path(file_okay=False),
+    help="Output folder (created if missing).",
+)
+@click.option(
+    "--base",
+    type=click.Path(dir_okay=False),
+    help="Base model checkpoint (default: the shipped weights).",
+)
+@click.option(
+    "--prn",
+    type=click.Path(dir_okay=False),
+    help="PRN checkpoint (default: the shipped weights, when shipped).",
+)
+@click.option(
+    "--probs",
+    type=click.Path(dir_okay=False),
+    help="Refine this probability raster (on the scene's grid) instead of running the base model.",
+)
 @click.option("--no-prn", is_flag=True, help="Run the base model only.")
 @click.option("--bands", callback=_bands, help="Scene bands to feed the base model, e.g. 3,2,1.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda[:N].")
 @click.option("--batch-size", default=8, show_default=True, help="Windows per forward pass.")
-@click.option("--block-size", default=2048, show_default=True,
-              help="Pixels per Dask block side (multiple of 512); the result does not change.")
-@click.option("--overlap", default=64, show_default=True,
-              help="Pixels shared by neighbouring 512 windows, blended linearly.")
-@click.option("--scheduler", help="Address of a Dask distributed scheduler, tcp://HOST:PORT "
-              "(default: local threads).")
+@click.option(
+    "--block-size",
+    default=2048,
+    show_default=True,
+    help="Pixels per Dask block side (multiple of 512); the result does not change.",
+)
+@click.option(
+    "--overlap",
+    default=64,
+    show_default=True,
+    help="Pixels shared by neighbouring 512 windows, blended linearly.",
+)
+@click.option(
+    "--scheduler",
+    help="Address of a Dask distributed scheduler, tcp://HOST:PORT (default: local threads).",
+)
 @click.option("--threshold", default=0.5, show_default=True, help="Road probability cut-off.")
-@click.option("--zarr-format", type=click.Choice(["2", "3"]), default="2", show_default=True,
-              help="Zarr format of the probability store (GDAL 3.10 reads 2).")
+@click.option(
+    "--zarr-format",
+    type=click.Choice(["2", "3"]),
+    default="2",
+    show_default=True,
+    help="Zarr format of the probability store (GDAL 3.10 reads 2).",
+)
 @click.option("--overwrite", is_flag=True, help="Replace outputs of a different command.")
-def refine(scene, outdir, base, prn, probs, no_prn, bands, device, batch_size, block_size,
-           overlap, scheduler, threshold, zarr_format, overwrite) -> None:
+def refine(
+    scene,
+    outdir,
+    base,
+    prn,
+    probs,
+    no_prn,
+    bands,
+    device,
+    batch_size,
+    block_size,
+    overlap,
+    scheduler,
+    threshold,
+    zarr_format,
+    overwrite,
+) -> None:
     """Segment roads in SCENE; write probabilities (Zarr) and a road mask (COG) to OUTDIR.
 
     Rerunning the same command after a crash computes only the blocks that are missing.
@@ -60,10 +104,22 @@ def refine(scene, outdir, base, prn, probs, no_prn, bands, device, batch_size, b
 
     try:
         record = run_refine(
-            scene, outdir, base=base, prn=prn, probs=probs, use_prn=not no_prn, bands=bands,
-            device=device, batch_size=batch_size, block_size=block_size, overlap=overlap,
-            scheduler=scheduler, threshold=threshold, overwrite=overwrite,
-            zarr_format=int(zarr_format), progress=progress,
+            scene,
+            outdir,
+            base=base,
+            prn=prn,
+            probs=probs,
+            use_prn=not no_prn,
+            bands=bands,
+            device=device,
+            batch_size=batch_size,
+            block_size=block_size,
+            overlap=overlap,
+            scheduler=scheduler,
+            threshold=threshold,
+            overwrite=overwrite,
+            zarr_format=int(zarr_format),
+            progress=progress,
         )
     finally:
         bar.close()
