@@ -289,7 +289,7 @@ def refine(
     threshold: float = 0.5,
     overwrite: bool = False,
     zarr_format: int = 2,
-    progress: Callable[[int, int, BlockResult], None] | None = None,
+    progress: Callable[[int, int, BlockResult | None], None] | None = None,
 ) -> RunRecord:
     """Segment roads over a whole scene and write Zarr probabilities and a COG mask.
 
@@ -309,7 +309,8 @@ def refine(
         threshold: probability above which a pixel is road in the mask.
         overwrite: replace outputs of a different command instead of refusing.
         zarr_format: 2 (read by GDAL 3.10 with its CRS) or 3.
-        progress: called as ``progress(done, total, result)`` after each block.
+        progress: called as ``progress(done, total, result)`` after each block, and once
+            with ``(0, total, None)`` before the first.
 
     Returns:
         The run record, also written to ``<stem>_run.json``.
@@ -335,6 +336,9 @@ def refine(
     def report(result: BlockResult) -> None:
         if progress is not None:
             progress(next(finished), len(todo), result)
+
+    if progress is not None:
+        progress(0, len(todo), None)
 
     results = run_blocks(job, todo, scheduler, report)
     computed = [r for r in results if r.status == "computed"]

@@ -19,6 +19,7 @@ import zarr
 
 from geoprn import refine
 from geoprn.errors import InputError, OutputError, SchedulerError
+from geoprn.models.checkpoint import load_cached
 from tests.conftest import SHARED_DATA, massachusetts_pixels, write_raster
 
 STEM = "mass"
@@ -72,6 +73,7 @@ def test_zarr_and_mask_are_georeferenced_like_the_scene(reference, mass_scene):
 
 
 def test_output_does_not_depend_on_block_size(reference, mass_scene, models, tmp_path):
+    load_cached.cache_clear()
     record = refine(
         mass_scene,
         tmp_path,
@@ -83,6 +85,8 @@ def test_output_does_not_depend_on_block_size(reference, mass_scene, models, tmp
     )
     assert record.blocks["computed"] == 6
     assert_same_outputs(reference, tmp_path)
+    cache = load_cached.cache_info()
+    assert cache.misses == 2 and cache.hits == 10  # each model loaded once, not per block
 
 
 def test_distributed_run_equals_local_run(reference, mass_scene, models, tmp_path):

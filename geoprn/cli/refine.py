@@ -95,10 +95,12 @@ def refine(
     bar = tqdm(unit="block", desc="refine", dynamic_ncols=True, disable=None)
     windows = 0
 
-    def progress(done: int, total: int, result: BlockResult) -> None:
+    def progress(done: int, total: int, result: BlockResult | None) -> None:
         nonlocal windows
+        if result is None:
+            bar.reset(total=total)
+            return
         windows += result.windows
-        bar.total = total
         bar.set_postfix(tiles_per_s=f"{windows / max(bar.format_dict['elapsed'], 1e-9):.1f}")
         bar.update(1)
 
