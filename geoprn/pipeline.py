@@ -8,6 +8,7 @@ When every block is done, the mask COG is streamed from the store.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import logging
@@ -15,10 +16,10 @@ import os
 import socket
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import dask
 import numpy as np
@@ -31,6 +32,9 @@ from geoprn.errors import GeoprnWarning, InputError, SchedulerError
 from geoprn.models.checkpoint import file_sha256, load_cached, read_header
 from geoprn.raster import SceneInfo, open_scene, read_region, write_mask_cog
 from geoprn.tiling import Block, Range, blend_weights, block_grid, cover, touching, window_origins
+
+if TYPE_CHECKING:
+    from distributed import Client
 
 log = logging.getLogger(__name__)
 
@@ -244,10 +248,26 @@ class _BlockProgress(Callback):
             self.report(result)
 
 
+@contextlib.contextmanager
+def connect(scheduler: str | None) -> Iterator[Client | None]:
+    """A client of the ``distributed`` scheduler at ``scheduler``; None for the local one."""
+    if scheduler is None:
+        yield None
+        return
+    from distributed import Client
+
+    try:
+        client = Client(scheduler, timeout="5s")
+    except (OSError, TimeoutError, ValueError) as exc:
+        raise SchedulerError(f"cannot reach the Dask scheduler at {scheduler}: {exc}") from None
+    with client:
+        yield client
+
+
 def run_blocks(
     job: RefineJob,
     blocks: list[Block],
-    scheduler: str | None,
+    client: Client | None,
     report: Callable[[BlockResult], None],
 ) -> list[BlockResult]:
     """Run the block tasks on the local threaded scheduler or on a ``distributed`` cluster."""
@@ -255,21 +275,16 @@ def run_blocks(
         dask.delayed(process_block, pure=False)(job, block, dask_key_name=f"block-{block.key}")
         for block in blocks
     ]
-    if scheduler is None:
+    if client is None:
         with _BlockProgress(report):
             return list(dask.compute(*tasks, scheduler="threads", num_workers=1))
 
-    from distributed import Client, as_completed
+    from distributed import as_completed
 
-    try:
-        client = Client(scheduler, timeout="5s")
-    except (OSError, TimeoutError) as exc:
-        raise SchedulerError(f"cannot reach the Dask scheduler at {scheduler}: {exc}") from None
     results = []
-    with client:
-        for future in as_completed(client.compute(tasks)):
-            results.append(future.result())
-            report(results[-1])
+    for future in as_completed(client.compute(tasks)):
+        results.append(future.result())
+        report(results[-1])
     return results
 
 
@@ -323,28 +338,31 @@ def refine(
     if zarr_format not in (2, 3):
         raise InputError("--zarr-format must be 2 or 3")
     signature = _signature(job, block_size, threshold, zarr_format)
-    resumed = store.prepare(job.paths, signature, overwrite)
-    if not resumed:
-        store.create(job.paths, info, job.variables, signature, zarr_format)
-    blocks = block_grid(info.height, info.width, block_size)
-    done_before = store.finished_blocks(job.paths)
-    todo = [b for b in blocks if b.key not in done_before]
-    log.info("%d blocks: %d to compute, %d done before", len(blocks), len(todo), len(done_before))
+    with connect(scheduler) as client:  # before touching outputs: a dead address changes nothing
+        resumed = store.prepare(job.paths, signature, overwrite)
+        if not resumed:
+            store.create(job.paths, info, job.variables, signature, zarr_format)
+        blocks = block_grid(info.height, info.width, block_size)
+        done_before = store.finished_blocks(job.paths)
+        todo = [b for b in blocks if b.key not in done_before]
+        log.info(
+            "%d blocks: %d to compute, %d done before", len(blocks), len(todo), len(done_before)
+        )
 
-    finished = itertools.count(1)
+        finished = itertools.count(1)
 
-    def report(result: BlockResult) -> None:
+        def report(result: BlockResult) -> None:
+            if progress is not None:
+                progress(next(finished), len(todo), result)
+
         if progress is not None:
-            progress(next(finished), len(todo), result)
+            progress(0, len(todo), None)
 
-    if progress is not None:
-        progress(0, len(todo), None)
-
-    results = run_blocks(job, todo, scheduler, report)
-    computed = [r for r in results if r.status == "computed"]
-    if not computed and not done_before and blocks:
-        store.remove_outputs(job.paths)
-        raise InputError(f"{info.path} has no valid pixels: every block is nodata")
+        results = run_blocks(job, todo, client, report)
+        computed = [r for r in results if r.status == "computed"]
+        if not computed and not done_before and blocks:
+            store.remove_outputs(job.paths)
+            raise InputError(f"{info.path} has no valid pixels: every block is nodata")
     blocks_seconds = time.perf_counter() - started
 
     mask_source = store.open_variable(job.paths, job.variables[-1])

@@ -104,7 +104,7 @@ def test_distributed_run_equals_local_run(reference, mass_scene, models, tmp_pat
             block_size=512,
             device="cpu",
             scheduler=cluster.scheduler_address,
-            progress=lambda done, total, result: seen.add(result.worker),
+            progress=lambda done, total, result: result and seen.add(result.worker),
         )
     assert record.blocks["computed"] == 6
     assert len(seen) == 2 and not any(w.endswith(f":{os.getpid()}") for w in seen)
@@ -116,13 +116,14 @@ def test_unreachable_scheduler_fails_fast(mass_scene, models, tmp_path):
     with pytest.raises(SchedulerError, match="cannot reach"):
         refine(
             mass_scene,
-            tmp_path,
+            tmp_path / "out",
             base=models["base"],
             prn=models["prn"],
             device="cpu",
             scheduler="tcp://127.0.0.1:9",
         )
     assert time.perf_counter() - started < 20
+    assert not (tmp_path / "out").exists()  # nothing written before the scheduler answered
 
 
 def test_killed_run_resumes_to_the_same_outputs(tmp_path, models):
