@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import click
 from tqdm import tqdm
 
-from geoprn.pipeline import BlockResult
-from geoprn.pipeline import refine as run_refine
+if TYPE_CHECKING:
+    from geoprn.pipeline import BlockResult
 
 
 def _bands(ctx: click.Context, param: click.Parameter, value: str | None) -> list[int] | None:
@@ -92,6 +94,8 @@ def refine(
 
     Rerunning the same command after a crash computes only the blocks that are missing.
     """
+    from geoprn.pipeline import refine as run_refine  # Dask and Zarr load only when needed
+
     bar = tqdm(unit="block", desc="refine", dynamic_ncols=True, disable=None)
     windows = 0
 
