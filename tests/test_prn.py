@@ -55,7 +55,8 @@ def test_train_mode_gives_two_logit_maps_eval_mode_their_mean_probability(net):
         predicted = net.predict(x)
     assert probs.shape == (2, 1, 128, 128) and probs.dtype == torch.float32
     assert probs.min() >= 0 and probs.max() <= 1
-    torch.testing.assert_close(probs, (torch.sigmoid(global_logits) + torch.sigmoid(local_logits)) / 2)
+    mean = (torch.sigmoid(global_logits) + torch.sigmoid(local_logits)) / 2
+    torch.testing.assert_close(probs, mean)
     assert torch.equal(probs, predicted)
 
 
