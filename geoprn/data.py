@@ -59,12 +59,14 @@ class LabelledTile:
         image: (C, H, W) raw band values, in the raster's own dtype.
         label: (H, W) uint8, 1 for road.
         valid: (H, W) bool, False where the image has no data.
+        pseudo: (H, W) float32 patch-optimal pseudo-labels (PRN training only), or None.
     """
 
     name: str
     image: np.ndarray
     label: np.ndarray
     valid: np.ndarray
+    pseudo: np.ndarray | None = None
 
 
 def _rasters(folder: Path) -> list[Path]:
@@ -269,7 +271,10 @@ class RandomCrops(Dataset):
     is reproducible and a resumed run sees the crops it would have seen.
 
     Each item is ``(image, label, valid)``: float32 tensors of shapes (C, s, s), (1, s, s) and
-    (1, s, s); the image is in raw band units (the model normalises it).
+    (1, s, s); the image is in raw band units (the model normalises it). Tiles with pseudo-labels
+    add a fourth, ``pseudo`` (1, s, s).
+
+    Crop origins are multiples of ``step``: PRN crops keep the pseudo-labels' patch grid.
     """
 
     def __init__(
@@ -280,12 +285,13 @@ class RandomCrops(Dataset):
         seed: int = 0,
         augment: bool = True,
         min_valid: float = 0.1,
+        step: int = 1,
     ):
         if not tiles:
             raise InputError("no training tiles")
         self.tiles = list(tiles)
         self.crop, self.length, self.seed = int(crop), int(length), int(seed)
-        self.augment, self.min_valid = augment, min_valid
+        self.augment, self.min_valid, self.step = augment, min_valid, int(step)
         self.epoch = 0
         weights = np.array([t.valid.sum() for t in self.tiles], dtype=np.float64)
         if weights.sum() == 0:
@@ -299,32 +305,28 @@ class RandomCrops(Dataset):
     def __len__(self) -> int:
         return self.length
 
-    def _crop(self, tile: LabelledTile, rng: np.random.Generator):
-        c = self.crop
+    def _crop(self, tile: LabelledTile, rng: np.random.Generator) -> list[np.ndarray]:
+        c, step = self.crop, self.step
         h, w = tile.label.shape
-        y = int(rng.integers(max(h - c, 0) + 1))
-        x = int(rng.integers(max(w - c, 0) + 1))
-        image = tile.image[:, y : y + c, x : x + c]
-        label = tile.label[y : y + c, x : x + c]
-        valid = tile.valid[y : y + c, x : x + c]
-        if image.shape[1:] != (c, c):  # tile smaller than the crop: pad, padding is invalid
-            ph, pw = c - image.shape[1], c - image.shape[2]
-            image = np.pad(image, ((0, 0), (0, ph), (0, pw)))
-            label = np.pad(label, ((0, ph), (0, pw)))
-            valid = np.pad(valid, ((0, ph), (0, pw)))
-        return image, label, valid
+        y = step * int(rng.integers(max(h - c, 0) // step + 1))
+        x = step * int(rng.integers(max(w - c, 0) // step + 1))
+        arrays = [tile.image, tile.label, tile.valid]
+        if tile.pseudo is not None:
+            arrays.append(tile.pseudo)
+        crops = [a[..., y : y + c, x : x + c] for a in arrays]
+        ph, pw = c - crops[1].shape[0], c - crops[1].shape[1]
+        if ph or pw:  # tile smaller than the crop: pad, padding is invalid
+            crops = [np.pad(a, [(0, 0)] * (a.ndim - 2) + [(0, ph), (0, pw)]) for a in crops]
+        return crops
 
     def __getitem__(self, index: int):
         rng = np.random.default_rng([self.seed, self.epoch, int(index)])
         for _ in range(10):  # avoid crops that are (almost) all nodata
             tile = self.tiles[int(rng.choice(len(self.tiles), p=self.weights))]
-            image, label, valid = self._crop(tile, rng)
-            if valid.mean() >= self.min_valid:
+            crops = self._crop(tile, rng)
+            if crops[2].mean() >= self.min_valid:
                 break
         if self.augment:
-            image, label, valid = augment((image, label, valid), rng)
-        return (
-            torch.from_numpy(image.astype(np.float32)),
-            torch.from_numpy(label.astype(np.float32))[None],
-            torch.from_numpy(valid.astype(np.float32))[None],
-        )
+            crops = augment(crops, rng)
+        image, *maps = (torch.from_numpy(a.astype(np.float32)) for a in crops)
+        return (image, *(m[None] for m in maps))

@@ -6,6 +6,11 @@ import torch
 import torch.nn.functional as F
 
 
+def _masked_mean(loss: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    valid = valid.float()
+    return (loss * valid).sum() / valid.sum().clamp_min(1.0)
+
+
 def masked_bce(logits: torch.Tensor, target: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     """Binary cross-entropy with logits, averaged over valid pixels.
 
@@ -15,8 +20,7 @@ def masked_bce(logits: torch.Tensor, target: torch.Tensor, valid: torch.Tensor) 
         valid: (N, 1, H, W) weights, 1 for valid pixels and 0 for nodata.
     """
     loss = F.binary_cross_entropy_with_logits(logits.float(), target.float(), reduction="none")
-    valid = valid.float()
-    return (loss * valid).sum() / valid.sum().clamp_min(1.0)
+    return _masked_mean(loss, valid)
 
 
 def masked_soft_dice(
@@ -34,3 +38,60 @@ def base_loss(
 ) -> torch.Tensor:
     """The base model's loss: masked BCE + ``dice_weight`` x masked soft Dice."""
     return masked_bce(logits, target, valid) + dice_weight * masked_soft_dice(logits, target, valid)
+
+
+def masked_focal(
+    logits: torch.Tensor, target: torch.Tensor, valid: torch.Tensor, gamma: float = 2.0
+) -> torch.Tensor:
+    """Focal loss (Lin et al. 2017) ``-(1 - p_t)^gamma log p_t``, averaged over valid pixels."""
+    logits, target = logits.float(), target.float()
+    bce = F.binary_cross_entropy_with_logits(logits, target, reduction="none")
+    p_t = torch.exp(-bce)  # the probability given to the true class
+    return _masked_mean((1.0 - p_t).pow(gamma) * bce, valid)
+
+
+LAPLACIAN = torch.tensor([[0.0, 1.0, 0.0], [1.0, -4.0, 1.0], [0.0, 1.0, 0.0]]).view(1, 1, 3, 3)
+
+
+def edge_map(x: torch.Tensor) -> torch.Tensor:
+    """``|tanh(Laplacian(x))|`` of (N, 1, H, W) maps, replicate-padded: 0 where x is flat."""
+    padded = F.pad(x.float(), (1, 1, 1, 1), mode="replicate")
+    return torch.tanh(F.conv2d(padded, LAPLACIAN.to(x.device))).abs()
+
+
+def masked_boundary(
+    logits: torch.Tensor, target: torch.Tensor, valid: torch.Tensor
+) -> torch.Tensor:
+    """PRN's boundary loss: BCE between the edge maps of the prediction and of the target.
+
+    The prediction's edge map is taken of its sigmoid, so it lies in [0, 1) like the target's.
+    """
+    predicted = edge_map(torch.sigmoid(logits.float())).clamp(1e-6, 1.0 - 1e-6)
+    target_edges = edge_map(target)  # BCE written out: F.binary_cross_entropy refuses autocast
+    loss = -(target_edges * predicted.log() + (1.0 - target_edges) * (1.0 - predicted).log())
+    return _masked_mean(loss, valid)
+
+
+def prn_branch_loss(
+    logits: torch.Tensor,
+    pseudo: torch.Tensor,
+    truth: torch.Tensor,
+    valid: torch.Tensor,
+    pseudo_weight: float = 0.7,
+) -> torch.Tensor:
+    """One PRN branch: ``0.7 (focal + boundary)(pseudo-labels) + 0.3 BCE(ground truth)``."""
+    pseudo_term = masked_focal(logits, pseudo, valid) + masked_boundary(logits, pseudo, valid)
+    return pseudo_weight * pseudo_term + (1.0 - pseudo_weight) * masked_bce(logits, truth, valid)
+
+
+def prn_loss(
+    global_logits: torch.Tensor,
+    local_logits: torch.Tensor,
+    pseudo: torch.Tensor,
+    truth: torch.Tensor,
+    valid: torch.Tensor,
+) -> torch.Tensor:
+    """PRN's training loss: the sum of :func:`prn_branch_loss` over its two branches."""
+    return prn_branch_loss(global_logits, pseudo, truth, valid) + prn_branch_loss(
+        local_logits, pseudo, truth, valid
+    )

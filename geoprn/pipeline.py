@@ -24,14 +24,14 @@ from typing import TYPE_CHECKING, Any
 import dask
 import numpy as np
 import rasterio
-import torch
 from dask.callbacks import Callback
 
 from geoprn import store
 from geoprn.errors import GeoprnWarning, InputError, SchedulerError
+from geoprn.inference import predict_region, resolve_device
 from geoprn.models.checkpoint import file_sha256, load_cached, read_header
 from geoprn.raster import SceneInfo, open_scene, read_region, write_mask_cog
-from geoprn.tiling import Block, Range, blend_weights, block_grid, cover, touching, window_origins
+from geoprn.tiling import Block, Range, block_grid, cover, window_origins
 
 if TYPE_CHECKING:
     from distributed import Client
@@ -101,68 +101,6 @@ class RunRecord:
     windows: int = 0
     seconds: dict[str, float] = field(default_factory=dict)
     outputs: dict[str, str] = field(default_factory=dict)
-
-
-def resolve_device(device: str) -> torch.device:
-    """``auto`` picks the first CUDA GPU when there is one, else the CPU."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        resolved = torch.device(device)
-    except RuntimeError:
-        raise InputError(f"unknown device '{device}' (use auto, cpu or cuda[:N])") from None
-    if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise InputError(f"device '{device}' asked for, but this machine has no CUDA GPU")
-    return resolved
-
-
-def predict_region(
-    model: torch.nn.Module,
-    source: np.ndarray,
-    source_region: tuple[Range, Range],
-    out_region: tuple[Range, Range],
-    origins: tuple[np.ndarray, np.ndarray],
-    tile: int,
-    overlap: int,
-    batch_size: int,
-    device: torch.device,
-) -> tuple[np.ndarray, int]:
-    """Run ``model`` on every grid window touching ``out_region`` and blend them.
-
-    Args:
-        model: maps (N, C, tile, tile) float32 to (N, 1, tile, tile) probabilities.
-        source: (C, H, W) input covering ``source_region`` (which covers every window used).
-        source_region, out_region: (rows, cols) ranges in scene coordinates.
-        origins: the scene-wide window grid (row origins, column origins).
-
-    Returns:
-        The blended (H_out, W_out) float32 probabilities and the number of windows run.
-    """
-    (sy0, _), (sx0, _) = source_region
-    (oy0, oy1), (ox0, ox1) = out_region
-    windows = [
-        (y, x)
-        for y in touching(origins[0], out_region[0], tile)
-        for x in touching(origins[1], out_region[1], tile)
-    ]
-    weights = blend_weights(tile, overlap)
-    total = np.zeros((oy1 - oy0, ox1 - ox0), np.float32)
-    weight_sum = np.zeros_like(total)
-    for start in range(0, len(windows), batch_size):
-        batch = windows[start : start + batch_size]
-        tiles = np.stack(
-            [source[:, y - sy0 : y - sy0 + tile, x - sx0 : x - sx0 + tile] for y, x in batch]
-        )
-        with torch.inference_mode():
-            probs = model(torch.from_numpy(tiles.astype(np.float32)).to(device))
-        probs = probs[:, 0].float().cpu().numpy()
-        for (y, x), prob in zip(batch, probs, strict=True):
-            ya, yb, xa, xb = max(y, oy0), min(y + tile, oy1), max(x, ox0), min(x + tile, ox1)
-            inside = np.s_[ya - y : yb - y, xa - x : xb - x]
-            out = np.s_[ya - oy0 : yb - oy0, xa - ox0 : xb - ox0]
-            total[out] += prob[inside] * weights[inside]
-            weight_sum[out] += weights[inside]
-    return total / weight_sum, len(windows)
 
 
 def _read_probabilities(path: str, rows: Range, cols: Range) -> np.ndarray:

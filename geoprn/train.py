@@ -7,20 +7,24 @@ Library code never prints: it logs, and reports progress through an optional cal
 
 from __future__ import annotations
 
+import csv
 import logging
 import math
 import time
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
+from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import rasterio
 import torch
 import yaml
 
 from geoprn.data import (
+    IMAGE_SUFFIXES,
     LabelledTile,
     RandomCrops,
     TilePair,
@@ -29,10 +33,14 @@ from geoprn.data import (
     load_tiles,
 )
 from geoprn.errors import CheckpointError, InputError, OutputError
-from geoprn.losses import base_loss
+from geoprn.inference import predict_array, resolve_device
+from geoprn.losses import base_loss, prn_loss
+from geoprn.metrics import Confusion, confusion
 from geoprn.models.base import build_base
-from geoprn.models.checkpoint import load_model, save_checkpoint
+from geoprn.models.checkpoint import file_sha256, load_model, read_header, save_checkpoint
 from geoprn.models.predictor import Predictor
+from geoprn.models.prn import PatchRefineNet
+from geoprn.pseudo_labels import patch_optimal_labels
 
 log = logging.getLogger(__name__)
 
@@ -132,22 +140,6 @@ def split_tiles(
     return train, val
 
 
-def resolve_device(device: str) -> torch.device:
-    """``auto`` picks CUDA when available, else the CPU.
-
-    Raises:
-        InputError: CUDA asked for but not available, or an unknown device.
-    """
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise InputError("--device cuda asked for, but no CUDA device is available")
-    try:
-        return torch.device(device)
-    except RuntimeError:
-        raise InputError(f"unknown device {device!r} (use auto, cpu or cuda)") from None
-
-
 def _autocast(device: torch.device):
     if device.type != "cuda":
         return nullcontext(), None
@@ -220,6 +212,106 @@ def _describe(pairs: Sequence[TilePair]) -> str:
     return ", ".join(dict.fromkeys(names))
 
 
+@dataclass
+class _Run:
+    """What differs between training a base model and a PRN; :func:`_fit` does the rest."""
+
+    model: Predictor
+    meta: dict[str, Any]
+    dataset: RandomCrops
+    loss: Callable[[Predictor, list[torch.Tensor]], torch.Tensor]
+    """The loss of one batch (tensors on the device), computed inside autocast."""
+    validate: Callable[[Predictor, Any], float]
+    """The validation road IoU of the model, given the autocast context."""
+    split: dict[str, list[str]]
+    trained_on: dict[str, Any]
+    extra_state: dict[str, Any] = field(default_factory=dict)
+
+
+def _open_state(out_path: Path, resume: bool, overwrite: bool) -> dict[str, Any] | None:
+    """Check the output and return the state to resume from (None for a fresh run)."""
+    state_file = state_path(out_path)
+    if not out_path.name.endswith(".safetensors"):
+        raise InputError(f"the output must be a .safetensors file, not {out_path}")
+    if resume and not state_file.is_file():
+        raise CheckpointError(f"nothing to resume: {state_file} does not exist")
+    if not resume and not overwrite and (out_path.exists() or state_file.exists()):
+        raise OutputError(
+            f"{out_path if out_path.exists() else state_file} exists; pass --resume to continue "
+            "that training or --overwrite to start afresh"
+        )
+    if not resume:
+        return None
+    try:
+        return torch.load(state_file, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any unreadable state is one clear error
+        raise CheckpointError(f"cannot read {state_file}: {exc}") from None
+
+
+def _as_pairs(sources: Sequence[str | Path | TilePair]) -> list[TilePair]:
+    pairs = [s for s in sources if isinstance(s, TilePair)]
+    others = [s for s in sources if not isinstance(s, TilePair)]
+    return pairs + (discover_pairs(others) if others else [])
+
+
+def _split(
+    tiles: Sequence[str | Path | TilePair],
+    val_tiles: Sequence[str | Path | TilePair] | None,
+    val_fraction: float,
+    seed: int,
+    config: dict[str, Any],
+    state: dict[str, Any] | None,
+) -> tuple[list[TilePair], list[TilePair]]:
+    """Training and validation tiles: as recorded in ``state``, as given, or held out."""
+    pairs = _as_pairs(tiles)
+    if state is not None:
+        for key in MODEL_KEYS:
+            if state["config"][key] != config[key]:
+                raise InputError(
+                    f"cannot resume: the config's {key} differs from the one the state "
+                    "was trained with"
+                )
+        by_name = {p.name: p for p in pairs + (_as_pairs(val_tiles) if val_tiles else [])}
+        lost = [n for n in state["split"]["train"] + state["split"]["val"] if n not in by_name]
+        if lost:
+            raise InputError(f"cannot resume: tile {lost[0]} of the recorded split is not given")
+        return [by_name[n] for n in state["split"]["train"]], [
+            by_name[n] for n in state["split"]["val"]
+        ]
+    if val_tiles:
+        train_pairs, val_pairs = pairs, _as_pairs(val_tiles)
+        overlap = {p.name for p in train_pairs} & {p.name for p in val_pairs}
+        if overlap:
+            raise InputError(f"tile {sorted(overlap)[0]} is both a training and a validation tile")
+        return train_pairs, val_pairs
+    return split_tiles(pairs, val_fraction, seed)
+
+
+def _trained_on(
+    train_pairs: Sequence[TilePair], val_pairs: Sequence[TilePair], seed: int, config: dict
+) -> tuple[dict[str, list[str]], dict[str, Any]]:
+    split = {"train": [p.name for p in train_pairs], "val": [p.name for p in val_pairs]}
+    trained_on = {
+        "dataset": _describe([*train_pairs, *val_pairs]),
+        "train_tiles": split["train"],
+        "val_tiles": split["val"],
+        "seed": seed,
+        "config": {k: v for k, v in config.items() if k != "kind"},
+    }
+    return split, trained_on
+
+
+def write_history_csv(history: Sequence[dict[str, Any]], path: str | Path) -> Path:
+    """Write one row per epoch (the training history) as CSV."""
+    path = Path(path)
+    if history:
+        with open(path, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(history[0]))
+            writer.writeheader()
+            writer.writerows(history)
+    return path
+
+
 def train_base(
     tiles: Sequence[str | Path | TilePair],
     config: dict[str, Any],
@@ -254,57 +346,17 @@ def train_base(
 
     Returns:
         A summary: best_val_road_iou, best_epoch, epochs, steps, minutes, stopped (why), the
-        split and the checkpoint path.
+        split, the history (one record per epoch) and the checkpoint path.
 
     Raises:
         InputError: bad tiles or settings. OutputError: ``out_path`` exists and neither
         ``resume`` nor ``overwrite`` was given. CheckpointError: unusable state to resume.
     """
     started = time.monotonic()
-    notify = progress or (lambda event, info: None)
-    out_path, state_file = Path(out_path), state_path(out_path)
-    if not out_path.name.endswith(".safetensors"):
-        raise InputError(f"the output must be a .safetensors file, not {out_path}")
-    if resume and not state_file.is_file():
-        raise CheckpointError(f"nothing to resume: {state_file} does not exist")
-    if not resume and not overwrite and (out_path.exists() or state_file.exists()):
-        raise OutputError(
-            f"{out_path if out_path.exists() else state_file} exists; pass --resume to continue "
-            "that training or --overwrite to start afresh"
-        )
+    out_path = Path(out_path)
+    state = _open_state(out_path, resume, overwrite)
     device_ = resolve_device(device)
-
-    def as_pairs(sources):
-        pairs = [s for s in sources if isinstance(s, TilePair)]
-        others = [s for s in sources if not isinstance(s, TilePair)]
-        return pairs + (discover_pairs(others) if others else [])
-
-    pairs = as_pairs(tiles)
-    state = None
-    if resume:
-        try:
-            state = torch.load(state_file, map_location="cpu", weights_only=True)
-        except Exception as exc:  # noqa: BLE001 - any unreadable state is one clear error
-            raise CheckpointError(f"cannot read {state_file}: {exc}") from None
-        for key in MODEL_KEYS:
-            if state["config"][key] != config[key]:
-                raise InputError(
-                    f"cannot resume: the config's {key} differs from the one {state_file} "
-                    "was trained with"
-                )
-        by_name = {p.name: p for p in pairs + (as_pairs(val_tiles) if val_tiles else [])}
-        lost = [n for n in state["split"]["train"] + state["split"]["val"] if n not in by_name]
-        if lost:
-            raise InputError(f"cannot resume: tile {lost[0]} of the recorded split is not given")
-        train_pairs = [by_name[n] for n in state["split"]["train"]]
-        val_pairs = [by_name[n] for n in state["split"]["val"]]
-    elif val_tiles:
-        train_pairs, val_pairs = pairs, as_pairs(val_tiles)
-        overlap = {p.name for p in train_pairs} & {p.name for p in val_pairs}
-        if overlap:
-            raise InputError(f"tile {sorted(overlap)[0]} is both a training and a validation tile")
-    else:
-        train_pairs, val_pairs = split_tiles(pairs, val_fraction, seed)
+    train_pairs, val_pairs = _split(tiles, val_tiles, val_fraction, seed, config, state)
 
     bands, nodata = list(config["bands"]), config.get("nodata")
     log.info("loading %d training and %d validation tiles", len(train_pairs), len(val_pairs))
@@ -316,7 +368,6 @@ def train_base(
         mean, std = state["mean"], state["std"]
     else:
         mean, std = band_statistics(train_data)
-    input_dtype = str(train_data[0].image.dtype)
 
     meta: dict[str, Any] = {
         "kind": "base",
@@ -328,13 +379,52 @@ def train_base(
         "std": std,
         "gsd": config.get("gsd"),
         "nodata": nodata,
-        "input_dtype": input_dtype,
+        "input_dtype": str(train_data[0].image.dtype),
         "output": "logits",
     }
-
     torch.manual_seed(seed)
-    net = build_base(config["architecture"], config["arguments"])
-    model = Predictor(net, meta).to(device_)
+    model = Predictor(build_base(config["architecture"], config["arguments"]), meta)
+    dice_weight = float(config["dice_weight"])
+
+    def loss(model: Predictor, batch: list[torch.Tensor]) -> torch.Tensor:
+        image, label, valid = batch
+        return base_loss(model.logits(image), label, valid, dice_weight)
+
+    def validate(model: Predictor, autocast) -> float:
+        window, batch = int(config["tile_size"]), int(config["val_batch"])
+        return road_iou(*road_confusion(model, val_data, window, batch, autocast))
+
+    split, trained_on = _trained_on(train_pairs, val_pairs, seed, config)
+    length = int(config["steps_per_epoch"]) * int(config["batch_size"])
+    run = _Run(
+        model,
+        meta,
+        RandomCrops(train_data, int(config["crop"]), length, seed),
+        loss,
+        validate,
+        split,
+        trained_on,
+        {"mean": mean, "std": std},
+    )
+    return _fit(run, config, out_path, state, started, max_minutes, device_, half, progress)
+
+
+def _fit(
+    run: _Run,
+    config: dict[str, Any],
+    out_path: Path,
+    state: dict[str, Any] | None,
+    started: float,
+    max_minutes: float | None,
+    device: torch.device,
+    half: bool,
+    progress: Progress | None,
+) -> dict[str, Any]:
+    """The training loop both models share: Adam, ReduceLROnPlateau on the validation road
+    IoU, early stopping, AMP on CUDA, a resumable state file, a CSV history and a time cap."""
+    notify = progress or (lambda event, info: None)
+    state_file = state_path(out_path)
+    model = run.model.to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=float(config["lr"]))
     scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
         optimizer,
@@ -343,7 +433,7 @@ def train_base(
         patience=int(config["lr_patience"]),
         min_lr=float(config["min_lr"]),
     )
-    autocast, scaler = _autocast(device_)
+    autocast, scaler = _autocast(device)
     epoch, steps, best_iou, best_epoch, bad_epochs = 0, 0, -1.0, 0, 0
     history: list[dict[str, Any]] = []
     seconds_before = 0.0
@@ -360,31 +450,22 @@ def train_base(
         log.info("resuming after epoch %d (best val road IoU %.4f)", epoch, best_iou)
 
     steps_per_epoch, batch_size = int(config["steps_per_epoch"]), int(config["batch_size"])
-    dataset = RandomCrops(train_data, int(config["crop"]), steps_per_epoch * batch_size, seed)
     loader = torch.utils.data.DataLoader(
-        dataset,
+        run.dataset,
         batch_size=batch_size,
         num_workers=int(config["workers"]),
-        pin_memory=device_.type == "cuda",
+        pin_memory=device.type == "cuda",
     )
-    split = {"train": [p.name for p in train_pairs], "val": [p.name for p in val_pairs]}
-    trained_on = {
-        "dataset": _describe(train_pairs + val_pairs),
-        "train_tiles": split["train"],
-        "val_tiles": split["val"],
-        "seed": seed,
-        "config": {k: v for k, v in config.items() if k not in ("kind",)},
-    }
 
     def save_best() -> None:
-        meta["trained_on"] = {
-            **trained_on,
+        run.meta["trained_on"] = {
+            **run.trained_on,
             "epochs": epoch,
             "steps": steps,
             "best_epoch": best_epoch,
             "best_val_road_iou": round(best_iou, 6),
         }
-        save_checkpoint(model, meta, out_path)
+        save_checkpoint(model, run.meta, out_path)
 
     if state is None:
         state_file.unlink(missing_ok=True)  # --overwrite: never resume from an older run later
@@ -396,14 +477,13 @@ def train_base(
     last_epoch_seconds = 0.0
     while epoch < epochs and stopped == "epochs":
         epoch_start = time.monotonic()
-        dataset.set_epoch(epoch)
+        run.dataset.set_epoch(epoch)
         model.train()
         losses = []
-        for step, (image, label, valid) in enumerate(loader):
-            image, label, valid = (t.to(device_, non_blocking=True) for t in (image, label, valid))
+        for step, batch in enumerate(loader):
+            batch = [t.to(device, non_blocking=True) for t in batch]
             with autocast:
-                logits = model.logits(image)
-            loss = base_loss(logits, label, valid, float(config["dice_weight"]))
+                loss = run.loss(model, batch)
             optimizer.zero_grad(set_to_none=True)
             if scaler is not None:
                 scaler.scale(loss).backward()
@@ -418,10 +498,8 @@ def train_base(
                 raise InputError(f"the loss became {losses[-1]} at step {steps}; lower the lr")
             notify("step", {"epoch": epoch + 1, "step": step + 1, "loss": losses[-1]})
         epoch += 1
-        tp, fp, fn = road_confusion(
-            model, val_data, int(config["tile_size"]), int(config["val_batch"]), autocast
-        )
-        iou = road_iou(tp, fp, fn)
+        model.eval()
+        iou = run.validate(model, autocast)
         scheduler.step(iou)
         if iou > best_iou:
             best_iou, best_epoch, bad_epochs = iou, epoch, 0
@@ -449,6 +527,7 @@ def train_base(
             best_epoch,
             record["lr"],
         )
+        tmp = state_file.with_name(state_file.name + ".tmp")
         torch.save(
             {
                 "model": model.net.state_dict(),
@@ -461,15 +540,15 @@ def train_base(
                 "best_epoch": best_epoch,
                 "bad_epochs": bad_epochs,
                 "history": history,
-                "split": split,
-                "mean": mean,
-                "std": std,
-                "config": {k: v for k, v in config.items()},
+                "split": run.split,
+                **run.extra_state,
+                "config": dict(config),
                 "seconds": seconds_before + time.monotonic() - started,
             },
-            state_file.with_name(state_file.name + ".tmp"),
+            tmp,
         )
-        state_file.with_name(state_file.name + ".tmp").replace(state_file)
+        tmp.replace(state_file)
+        write_history_csv(history, history_path(out_path))
         notify("epoch", {**record, "best_val_road_iou": best_iou})
         if bad_epochs >= int(config["patience"]):
             stopped = "early_stopping"
@@ -486,15 +565,210 @@ def train_base(
     return {
         "checkpoint": str(out_path),
         "state": str(state_file),
+        "history_csv": str(history_path(out_path)),
         "best_val_road_iou": best_iou,
         "best_epoch": best_epoch,
         "epochs": epoch,
         "steps": steps,
         "minutes": round(minutes, 2),
         "stopped": stopped,
-        "split": split,
+        "split": run.split,
         "history": history,
     }
+
+
+def history_path(out_path: str | Path) -> Path:
+    """The per-epoch CSV log kept beside a checkpoint: ``<out>.log.csv``."""
+    out_path = Path(out_path)
+    return out_path.with_name(out_path.name + ".log.csv")
+
+
+PROBS_GROUP = "probs"
+
+
+def _cache_path(out_path: Path) -> Path:
+    """The base-probability cache kept beside a PRN checkpoint: ``<out>.cache.zarr``."""
+    return out_path.with_name(out_path.name + ".cache.zarr")
+
+
+def base_probabilities(
+    tiles: Sequence[LabelledTile],
+    cache: str | Path,
+    base: str | Path | None = None,
+    probs_dir: str | Path | None = None,
+    batch_size: int = 8,
+    device: torch.device | str = "cpu",
+) -> list[np.ndarray]:
+    """The base model's road probabilities on each tile, computed once and cached in Zarr.
+
+    With ``base``, each tile is predicted as ``refine`` would predict a scene holding it
+    (overlapping 512 windows, blended). With ``probs_dir``, the probabilities of any other
+    model are read from ``<probs_dir>/<tile stem>.<ext>`` (float in [0, 1] or uint8 0-255).
+    The cache remembers its source: a different base checkpoint starts it afresh.
+
+    Returns:
+        One (H, W) float32 array per tile.
+
+    Raises:
+        InputError: a probability raster is missing or not on its tile's grid.
+    """
+    import zarr  # only PRN training needs it
+
+    source = file_sha256(base) if base is not None else str(Path(probs_dir).resolve())
+    group = zarr.open_group(str(cache), mode="a")
+    if group.attrs.get("source") != source:
+        group = zarr.open_group(str(cache), mode="w")
+        group.attrs["source"] = source
+    model = load_model(base, "base", device) if base is not None else None
+    out = []
+    for tile in tiles:
+        key = f"{PROBS_GROUP}/{tile.name}"
+        if key in group:
+            out.append(np.asarray(group[key][...]))
+            continue
+        if model is not None:
+            autocast, _ = _autocast(torch.device(device))
+            with autocast:
+                probs = predict_array(model, tile.image, batch_size=batch_size, device=device)
+        else:
+            probs = _read_probability_raster(Path(probs_dir), tile)
+        group.create_array(key, data=probs.astype(np.float32), chunks=(512, 512))
+        out.append(probs.astype(np.float32))
+    return out
+
+
+def _read_probability_raster(folder: Path, tile: LabelledTile) -> np.ndarray:
+    stem = Path(tile.name).stem
+    found = [p for p in sorted(folder.glob(f"{stem}.*")) if p.suffix.lower() in IMAGE_SUFFIXES]
+    if not found:
+        raise InputError(f"no probability raster for tile {tile.name} in {folder}")
+    with rasterio.open(found[0]) as ds:
+        if (ds.height, ds.width) != tile.label.shape:
+            raise InputError(f"{found[0]} is {ds.width}x{ds.height}, its tile is not")
+        data = ds.read(1).astype(np.float32)
+        scale = 255.0 if ds.dtypes[0] == "uint8" else 1.0
+    return np.nan_to_num(data / scale, nan=0.0)
+
+
+def prn_tile(tile: LabelledTile, probs: np.ndarray, patch_size: int) -> LabelledTile:
+    """A PRN training tile: the base probabilities as image, with patch-optimal pseudo-labels.
+
+    The tile is zero-padded (as nodata) to whole patches, so that crops whose origins are
+    multiples of ``patch_size`` see the same patch grid the pseudo-labels were made on.
+    """
+    h, w = probs.shape
+    pad = ((0, -h % patch_size), (0, -w % patch_size))
+    probs, label, valid = np.pad(probs, pad), np.pad(tile.label, pad), np.pad(tile.valid, pad)
+    pseudo, _ = patch_optimal_labels(probs, label, patch_size, valid)
+    return LabelledTile(tile.name, probs[None], label, valid, pseudo)
+
+
+def pooled_road_iou(predictions: Sequence[np.ndarray], truths: Sequence[LabelledTile]) -> float:
+    """Road IoU of boolean maps, pooled over the valid pixels of their labelled tiles."""
+    pairs = zip(predictions, truths, strict=True)
+    return sum((confusion(p, t.label > 0, t.valid) for p, t in pairs), Confusion()).road_iou
+
+
+def train_prn(
+    tiles: Sequence[str | Path | TilePair],
+    config: dict[str, Any],
+    out_path: str | Path,
+    base: str | Path | None = None,
+    probs_dir: str | Path | None = None,
+    val_fraction: float = 0.2,
+    val_tiles: Sequence[str | Path | TilePair] | None = None,
+    seed: int = 0,
+    resume: bool = False,
+    overwrite: bool = False,
+    max_minutes: float | None = None,
+    device: str = "auto",
+    half: bool = False,
+    progress: Progress | None = None,
+) -> dict[str, Any]:
+    """Train a PatchRefineNet for a base model, as the paper does (DESIGN.md).
+
+    The base model's probabilities on the tiles are computed once and cached beside the
+    output (``<out>.cache.zarr``) with the tiles' patch-optimal pseudo-labels made from them.
+    The tiles should be ones the base model never trained on (``splits.json``'s ``val``).
+
+    Args:
+        tiles, config, out_path, val_fraction, val_tiles, seed, resume, overwrite,
+            max_minutes, device, half, progress: as for :func:`train_base`.
+        base: the base checkpoint whose probabilities PRN learns to refine.
+        probs_dir: instead of ``base``, a folder of probability rasters named like the tiles.
+
+    Returns:
+        The summary of :func:`train_base`, plus ``base_val_road_iou``: the base at 0.5 on
+        the validation tiles, for comparison.
+    """
+    started = time.monotonic()
+    out_path = Path(out_path)
+    if (base is None) == (probs_dir is None):
+        raise InputError("give either a base checkpoint (--base) or probabilities (--probs)")
+    base_meta = read_header(base, "base") if base is not None else {}
+    state = _open_state(out_path, resume, overwrite)
+    device_ = resolve_device(device)
+    train_pairs, val_pairs = _split(tiles, val_tiles, val_fraction, seed, config, state)
+    bands = base_meta.get("bands", [1])
+    loaded = load_tiles(train_pairs + val_pairs, bands, base_meta.get("nodata"))
+    probs = base_probabilities(
+        loaded, _cache_path(out_path), base, probs_dir, int(config["val_batch"]), device_
+    )
+    patch = int(config["arguments"]["patch_size"])
+    n_train = len(train_pairs)
+    train_data = [prn_tile(t, p, patch) for t, p in zip(loaded[:n_train], probs, strict=False)]
+    val_truth, val_probs = loaded[n_train:], probs[n_train:]
+    if sum(int(t.valid.sum()) for t in val_truth) == 0:
+        raise InputError("the validation tiles hold no valid pixel (all nodata?)")
+
+    torch.manual_seed(seed)
+    net = PatchRefineNet(**config["arguments"])
+    meta: dict[str, Any] = {
+        "kind": "prn",
+        "architecture": "PatchRefineNet",
+        "arguments": net.arguments,
+        "bands": [1],
+        "tile_size": int(config["tile_size"]),
+        "patch_size": patch,
+        "gsd": base_meta.get("gsd", config.get("gsd")),
+        "output": "probability",
+        "base": (
+            {"sha256": file_sha256(base), "file": Path(base).name}
+            if base is not None
+            else {"probs": str(probs_dir)}
+        ),
+    }
+    model = Predictor(net, meta)
+    window, val_batch = int(config["tile_size"]), int(config["val_batch"])
+
+    def loss(model: Predictor, batch: list[torch.Tensor]) -> torch.Tensor:
+        image, label, valid, pseudo = batch
+        global_logits, local_logits = model.net.logits(image)
+        return prn_loss(global_logits, local_logits, pseudo, label, valid)
+
+    def refined_iou(model: Predictor, autocast) -> float:
+        with autocast:
+            refined = [
+                predict_array(model, p[None], window, 64, val_batch, device_) for p in val_probs
+            ]
+        return pooled_road_iou([r > 0.5 for r in refined], val_truth)
+
+    base_iou = pooled_road_iou([p > 0.5 for p in val_probs], val_truth)
+    log.info("base model on the validation tiles: road IoU %.4f at 0.5", base_iou)
+    split, trained_on = _trained_on(train_pairs, val_pairs, seed, config)
+    trained_on["base_val_road_iou"] = round(base_iou, 6)
+    length = int(config["steps_per_epoch"]) * int(config["batch_size"])
+    run = _Run(
+        model,
+        meta,
+        RandomCrops(train_data, int(config["crop"]), length, seed, step=patch),
+        loss,
+        refined_iou,
+        split,
+        trained_on,
+    )
+    summary = _fit(run, config, out_path, state, started, max_minutes, device_, half, progress)
+    return {**summary, "base_val_road_iou": base_iou}
 
 
 def export_checkpoint(src: str | Path, dst: str | Path, half: bool = True) -> Path:

@@ -1,11 +1,14 @@
-"""``geoprn train base TILES... -o OUT.safetensors``: train models from labelled tiles."""
+"""``geoprn train base|prn TILES... -o OUT.safetensors``: train models from labelled tiles."""
 
 from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
 
 import click
 from tqdm import tqdm
 
-from geoprn.train import load_config, train_base
+from geoprn.train import load_config, train_base, train_prn
 
 
 def _nodata(ctx: click.Context, param: click.Parameter, value: str | None):
@@ -17,97 +20,66 @@ def _nodata(ctx: click.Context, param: click.Parameter, value: str | None):
         raise click.BadParameter("give a number, or 'none'") from None
 
 
-@click.group()
-def train() -> None:
-    """Train a model from labelled tiles."""
+def _common_options(default_config: str, default_val_fraction: float) -> Callable:
+    """The options ``train base`` and ``train prn`` share."""
+    options = [
+        click.argument("tiles", nargs=-1, required=True),
+        click.option(
+            "-o",
+            "--output",
+            required=True,
+            type=click.Path(dir_okay=False),
+            help="Checkpoint to write (.safetensors); <OUTPUT>.state.pt holds the resumable "
+            "state, <OUTPUT>.log.csv one row per epoch.",
+        ),
+        click.option(
+            "--config",
+            "config_name",
+            default=default_config,
+            show_default=True,
+            help="Config name in geoprn/configs/ or a path to a YAML file.",
+        ),
+        click.option(
+            "--val",
+            "val_tiles",
+            multiple=True,
+            help="Validation tiles (same forms as TILES); default: hold out --val-fraction.",
+        ),
+        click.option(
+            "--val-fraction",
+            default=default_val_fraction,
+            show_default=True,
+            help="Share of TILES held out for validation (seeded by --seed).",
+        ),
+        click.option("--epochs", type=int, help="Override the config's epochs."),
+        click.option("--steps-per-epoch", type=int, help="Override the config's steps per epoch."),
+        click.option("--batch-size", type=int, help="Override the config's batch size."),
+        click.option("--crop", type=int, help="Override the config's crop size (pixels)."),
+        click.option("--lr", type=float, help="Override the config's learning rate."),
+        click.option(
+            "--max-minutes",
+            type=float,
+            help="Stop after the epoch in progress once this many minutes have passed; the "
+            "best checkpoint is kept.",
+        ),
+        click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda[:N]."),
+        click.option("--seed", default=0, show_default=True, help="Seeds split, weights, crops."),
+        click.option("--resume", is_flag=True, help="Continue from <OUTPUT>.state.pt."),
+        click.option("--overwrite", is_flag=True, help="Replace an existing OUTPUT and its state."),
+        click.option("--half", is_flag=True, help="Store the final weights as float16."),
+    ]
+
+    def decorate(command: Callable) -> Callable:
+        for option in reversed(options):
+            command = option(command)
+        return command
+
+    return decorate
 
 
-@train.command("base")
-@click.argument("tiles", nargs=-1, required=True)
-@click.option(
-    "-o",
-    "--output",
-    required=True,
-    type=click.Path(dir_okay=False),
-    help="Checkpoint to write (.safetensors); <OUTPUT>.state.pt holds the resumable state.",
-)
-@click.option(
-    "--config",
-    "config_name",
-    default="base_unet_mnv2",
-    show_default=True,
-    help="Config name in geoprn/configs/ or a path to a YAML file.",
-)
-@click.option(
-    "--val",
-    "val_tiles",
-    multiple=True,
-    help="Validation tiles (same forms as TILES); default: hold out --val-fraction.",
-)
-@click.option(
-    "--val-fraction",
-    default=0.1,
-    show_default=True,
-    help="Share of TILES held out for validation (seeded by --seed).",
-)
-@click.option("--epochs", type=int, help="Override the config's epochs.")
-@click.option("--steps-per-epoch", type=int, help="Override the config's steps per epoch.")
-@click.option("--batch-size", type=int, help="Override the config's batch size.")
-@click.option("--crop", type=int, help="Override the config's crop size (pixels).")
-@click.option("--lr", type=float, help="Override the config's learning rate.")
-@click.option(
-    "--nodata",
-    callback=_nodata,
-    help="Pixels whose bands all equal this value are "
-    "nodata; 'none' turns that off (default: the config's).",
-)
-@click.option(
-    "--max-minutes",
-    type=float,
-    help="Stop after the epoch in progress once this "
-    "many minutes have passed; the best checkpoint is kept.",
-)
-@click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda[:N].")
-@click.option("--seed", default=0, show_default=True, help="Seeds the split, weights and crops.")
-@click.option("--resume", is_flag=True, help="Continue from <OUTPUT>.state.pt.")
-@click.option("--overwrite", is_flag=True, help="Replace an existing OUTPUT and its state.")
-@click.option("--half", is_flag=True, help="Store the final weights as float16.")
-def base(
-    tiles,
-    output,
-    config_name,
-    val_tiles,
-    val_fraction,
-    epochs,
-    steps_per_epoch,
-    batch_size,
-    crop,
-    lr,
-    nodata,
-    max_minutes,
-    device,
-    seed,
-    resume,
-    overwrite,
-    half,
-) -> None:
-    """Train a base segmentation model on TILES and save its best weights to OUTPUT.
-
-    TILES are folders with images/ + masks/ (matching names), folders of <id>_sat/<id>_mask
-    pairs, IMAGE,LABEL pairs, or images with a <stem>_mask raster beside them.
-    """
-    config = load_config(
-        config_name,
-        epochs=epochs,
-        steps_per_epoch=steps_per_epoch,
-        batch_size=batch_size,
-        crop=crop,
-        lr=lr,
-        nodata=nodata,
-    )
-    if nodata == "none":
-        config["nodata"] = None
-    bar = tqdm(unit="step", desc="train base", dynamic_ncols=True, disable=None)
+def _run(trainer: Callable, desc: str, tiles, output, config: dict, **kwargs: Any) -> dict:
+    """Run ``trainer`` with a progress bar and print its summary."""
+    bar = tqdm(unit="step", desc=desc, dynamic_ncols=True, disable=None)
 
     def progress(event: str, info: dict) -> None:
         if event == "start":
@@ -124,20 +96,7 @@ def base(
             )
 
     try:
-        summary = train_base(
-            tiles,
-            config,
-            output,
-            val_fraction=val_fraction,
-            val_tiles=val_tiles or None,
-            seed=seed,
-            resume=resume,
-            overwrite=overwrite,
-            max_minutes=max_minutes,
-            device=device,
-            half=half,
-            progress=progress,
-        )
+        summary = trainer(tiles, config, output, progress=progress, **kwargs)
     finally:
         bar.close()
     click.echo(
@@ -150,3 +109,66 @@ def base(
         f"val tiles: {', '.join(summary['split']['val'])}"
     )
     click.echo(f"checkpoint: {summary['checkpoint']}")
+    click.echo(f"epoch log: {summary['history_csv']}")
+    return summary
+
+
+@click.group()
+def train() -> None:
+    """Train a model from labelled tiles."""
+
+
+@train.command("base")
+@_common_options("base_unet_mnv2", 0.1)
+@click.option(
+    "--nodata",
+    callback=_nodata,
+    help="Pixels whose bands all equal this value are nodata; 'none' turns that off "
+    "(default: the config's).",
+)
+def base(tiles, output, config_name, nodata, val_tiles, **options) -> None:
+    """Train a base segmentation model on TILES and save its best weights to OUTPUT.
+
+    TILES are folders with images/ + masks/ (matching names), folders of <id>_sat/<id>_mask
+    pairs, IMAGE,LABEL pairs, or images with a <stem>_mask raster beside them.
+    """
+    overrides = {k: options.pop(k) for k in ("epochs", "steps_per_epoch", "batch_size", "crop")}
+    config = load_config(config_name, lr=options.pop("lr"), nodata=nodata, **overrides)
+    if nodata == "none":
+        config["nodata"] = None
+    _run(train_base, "train base", tiles, output, config, val_tiles=val_tiles or None, **options)
+
+
+@train.command("prn")
+@_common_options("prn_p64", 0.2)
+@click.option(
+    "--base",
+    type=click.Path(dir_okay=False),
+    help="The base checkpoint PRN learns to refine (its probabilities are cached).",
+)
+@click.option(
+    "--probs",
+    "probs_dir",
+    type=click.Path(file_okay=False),
+    help="Instead of --base: a folder of probability rasters named like the tiles' images.",
+)
+def prn(tiles, output, config_name, base, probs_dir, val_tiles, **options) -> None:
+    """Train a PatchRefineNet on TILES for a base model and save its best weights to OUTPUT.
+
+    Use tiles the base model never trained on (the paper's protocol: the base model trains on
+    the train split, PRN on the val split). TILES take the same forms as for `train base`.
+    """
+    overrides = {k: options.pop(k) for k in ("epochs", "steps_per_epoch", "batch_size", "crop")}
+    config = load_config(config_name, lr=options.pop("lr"), **overrides)
+    summary = _run(
+        train_prn,
+        "train prn",
+        tiles,
+        output,
+        config,
+        base=base,
+        probs_dir=probs_dir,
+        val_tiles=val_tiles or None,
+        **options,
+    )
+    click.echo(f"base model at 0.5 on the val tiles: road IoU {summary['base_val_road_iou']:.4f}")
