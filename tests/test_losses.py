@@ -1,0 +1,100 @@
+"""PRN's loss terms on small hand-computed cases; nodata pixels count for nothing."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from geoprn.losses import (
+    edge_map,
+    masked_bce,
+    masked_boundary,
+    masked_focal,
+    prn_branch_loss,
+    prn_loss,
+)
+
+
+def maps(*values: float) -> torch.Tensor:
+    return torch.tensor(values, dtype=torch.float32).view(1, 1, 1, -1)
+
+
+def test_focal_by_hand():
+    logits = maps(0.0, math.log(3.0), math.log(3.0))  # p = 0.5, 0.75, 0.75
+    target = maps(1.0, 1.0, 0.0)
+    # -(1 - p_t)^2 log p_t with p_t = 0.5, 0.75, 0.25
+    expected = [0.25 * math.log(2), 0.0625 * -math.log(0.75), 0.5625 * -math.log(0.25)]
+    ones = torch.ones_like(target)
+    assert masked_focal(logits, target, ones).item() == pytest.approx(sum(expected) / 3, rel=1e-5)
+    only_last = maps(0.0, 0.0, 1.0)
+    assert masked_focal(logits, target, only_last).item() == pytest.approx(expected[2], rel=1e-5)
+    # gamma = 0 is plain BCE
+    assert masked_focal(logits, target, ones, gamma=0.0).item() == pytest.approx(
+        masked_bce(logits, target, ones).item(), rel=1e-6
+    )
+
+
+def test_bce_by_hand_and_all_nodata_is_zero():
+    logits, target = maps(0.0, math.log(3.0)), maps(1.0, 0.0)
+    expected = (math.log(2) + -math.log(0.25)) / 2
+    assert masked_bce(logits, target, torch.ones_like(target)).item() == pytest.approx(expected)
+    assert masked_bce(logits, target, torch.zeros_like(target)).item() == 0.0
+
+
+def test_edge_map_of_a_dot_and_of_flat_maps():
+    dot = torch.zeros(1, 1, 5, 5)
+    dot[0, 0, 2, 2] = 1.0
+    edges = edge_map(dot)[0, 0]
+    assert edges[2, 2].item() == pytest.approx(math.tanh(4.0))
+    for y, x in ((1, 2), (3, 2), (2, 1), (2, 3)):
+        assert edges[y, x].item() == pytest.approx(math.tanh(1.0))
+    assert edges[0, 0].item() == 0.0 and edges[1, 1].item() == 0.0
+    # replicate padding: a flat map has no edge anywhere, the tile border included
+    assert edge_map(torch.ones(1, 1, 4, 4)).abs().max().item() == 0.0
+
+
+def test_boundary_loss_by_hand():
+    dot = torch.zeros(1, 1, 5, 5)
+    dot[0, 0, 2, 2] = 1.0
+    flat_logits = torch.zeros_like(dot)  # sigmoid 0.5 everywhere: no predicted edge (1e-6)
+    big = -math.log(1e-6)
+    centre, neighbour = math.tanh(4.0) * big, math.tanh(1.0) * big
+    ones = torch.ones_like(dot)
+    assert masked_boundary(flat_logits, dot, ones).item() == pytest.approx(
+        (centre + 4 * neighbour) / 25, rel=1e-3
+    )
+    valid = ones.clone()
+    valid[0, 0, 2, 2] = 0.0
+    assert masked_boundary(flat_logits, dot, valid).item() == pytest.approx(
+        4 * neighbour / 24, rel=1e-3
+    )
+    # a prediction whose edges match the target's costs far less than a flat one
+    sharp = (dot * 2 - 1) * 20.0
+    assert masked_boundary(sharp, dot, ones) < 0.2 * masked_boundary(flat_logits, dot, ones)
+
+
+def test_prn_loss_composition_and_nodata_gradient():
+    torch.manual_seed(0)
+    shape = (2, 1, 16, 16)
+    global_logits = torch.randn(shape, requires_grad=True)
+    local_logits = torch.randn(shape, requires_grad=True)
+    pseudo = (torch.rand(shape) > 0.7).float()
+    truth = (torch.rand(shape) > 0.7).float()
+    valid = torch.ones(shape)
+    valid[..., :4] = 0.0
+    branch = prn_branch_loss(global_logits, pseudo, truth, valid)
+    by_hand = 0.7 * (
+        masked_focal(global_logits, pseudo, valid) + masked_boundary(global_logits, pseudo, valid)
+    ) + 0.3 * masked_bce(global_logits, truth, valid)
+    assert branch.item() == pytest.approx(by_hand.item(), rel=1e-6)
+    total = prn_loss(global_logits, local_logits, pseudo, truth, valid)
+    assert total.item() == pytest.approx(
+        branch.item() + prn_branch_loss(local_logits, pseudo, truth, valid).item(), rel=1e-6
+    )
+    total.backward()
+    # nodata columns 0-3 get no gradient except through the Laplacian of column 4 (its
+    # neighbour), so columns 0-2 get none at all
+    assert global_logits.grad[..., :3].abs().max().item() == 0.0
+    assert global_logits.grad[..., 5:].abs().max().item() > 0.0

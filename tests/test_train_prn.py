@@ -1,0 +1,220 @@
+"""PRN training on real Massachusetts tiles the shipped base model never saw (the val split)."""
+
+from __future__ import annotations
+
+import shutil
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import rasterio
+import torch
+import yaml
+import zarr
+from click.testing import CliRunner
+from rasterio.errors import NotGeoreferencedWarning
+
+from geoprn.cli.main import cli
+from geoprn.data import RandomCrops, discover_pairs, load_tiles
+from geoprn.errors import InputError
+from geoprn.inference import predict_array
+from geoprn.losses import prn_loss
+from geoprn.models.checkpoint import file_sha256, load_model
+from geoprn.models.prn import PatchRefineNet
+from geoprn.pipeline import DEFAULT_BASE
+from geoprn.pseudo_labels import patch_optimal_labels
+from geoprn.train import base_probabilities, load_config, prn_tile, train_prn
+
+DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+VAL = DATA / "massachusetts" / "val"
+SOURCES = {  # 512 x 512 windows of val-split tiles, all imagery (no white nodata)
+    "18028870_15.png": (0, 0),
+    "21628930_15.png": (900, 900),
+    "22679080_15.png": (900, 0),
+    "26278705_15.png": (0, 500),
+}
+SMALL = {
+    "architecture": "PatchRefineNet",
+    "arguments": {
+        "in_channels": 1,
+        "channels": [8, 16, 32, 64],
+        "patch_size": 32,
+        "recurrence": 1,
+        "pool_bins": [1, 2, 4, 8],
+    },
+    "bands": [1],
+    "tile_size": 512,
+    "crop": 128,
+    "batch_size": 4,
+    "lr": 3e-3,
+    "epochs": 2,
+    "steps_per_epoch": 10,
+    "patience": 5,
+    "val_batch": 4,
+    "min_lr": 5e-8,
+}
+
+pytestmark = pytest.mark.skipif(not VAL.is_dir(), reason=f"real data not found at {DATA}")
+
+
+def rw(src: Path, dst: Path, y: int, x: int) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", NotGeoreferencedWarning)
+        with rasterio.open(src) as ds:
+            array = ds.read()[:, y : y + 512, x : x + 512]
+        profile = {"driver": "PNG", "width": 512, "height": 512, "count": array.shape[0]}
+        with rasterio.open(dst, "w", dtype=array.dtype, **profile) as out:
+            out.write(array)
+
+
+@pytest.fixture(scope="module")
+def tiles(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("val512")
+    for kind in ("images", "masks"):
+        (root / kind).mkdir()
+        for name, (y, x) in SOURCES.items():
+            rw(VAL / kind / name, root / kind / name, y, x)
+    return root
+
+
+@pytest.fixture(scope="module")
+def config(tmp_path_factory) -> dict:
+    path = tmp_path_factory.mktemp("cfg") / "prn_small.yaml"
+    path.write_text(yaml.safe_dump(SMALL))
+    return load_config(path)
+
+
+@pytest.fixture(scope="module")
+def run(tiles, config, tmp_path_factory) -> dict:
+    out = tmp_path_factory.mktemp("prn") / "prn.safetensors"
+    return train_prn([tiles], config, out, base=DEFAULT_BASE, val_fraction=0.25, device="cpu")
+
+
+def test_checkpoint_records_its_base_and_split(run):
+    model = load_model(run["checkpoint"], kind="prn")
+    meta = model.geoprn_meta
+    assert meta["base"] == {"sha256": file_sha256(DEFAULT_BASE), "file": DEFAULT_BASE.name}
+    assert meta["patch_size"] == 32 and meta["output"] == "probability" and meta["gsd"] == 1.0
+    assert sorted(meta["trained_on"]["train_tiles"] + meta["trained_on"]["val_tiles"]) == sorted(
+        SOURCES
+    )
+    assert len(run["history"]) == 2 and 0.0 <= run["best_val_road_iou"] <= 1.0
+    assert 0.2 < run["base_val_road_iou"] < 1.0  # the shipped base model finds roads here
+    x = torch.rand(1, 1, 512, 512)
+    with torch.inference_mode():
+        probs = model(x)
+    assert probs.shape == x.shape and probs.min() >= 0 and probs.max() <= 1
+    csv_rows = Path(run["history_csv"]).read_text().splitlines()
+    assert csv_rows[0].startswith("epoch,steps,train_loss,val_road_iou") and len(csv_rows) == 3
+
+
+def test_cache_holds_what_refine_computes(run, tiles):
+    cache = zarr.open_group(run["checkpoint"] + ".cache.zarr", mode="r")
+    assert cache.attrs["source"] == file_sha256(DEFAULT_BASE)
+    tile = load_tiles(discover_pairs([tiles]), [1, 2, 3], 255)[0]
+    expected = predict_array(load_model(DEFAULT_BASE), tile.image)
+    np.testing.assert_array_equal(cache[f"probs/{tile.name}"][...], expected)
+
+
+def test_prn_tiles_carry_patch_aligned_pseudo_labels(tiles):
+    tile = load_tiles(discover_pairs([tiles]), [1, 2, 3], 255)[0]
+    probs = np.random.default_rng(0).random((500, 490), dtype=np.float32)
+    tile.label, tile.valid = tile.label[:500, :490], tile.valid[:500, :490]
+    prepared = prn_tile(tile, probs, 32)
+    assert prepared.image.shape == (1, 512, 512) and not prepared.valid[500:].any()
+    expected, _ = patch_optimal_labels(prepared.image[0], prepared.label, 32, prepared.valid)
+    np.testing.assert_array_equal(prepared.pseudo, expected)
+    crops = RandomCrops([prepared], crop=128, length=20, seed=0, step=32, augment=False)
+    for i in range(20):
+        image, label, valid, pseudo = crops[i]
+        assert pseudo.shape == (1, 128, 128)
+        # the crop's pseudo-labels are the tile's, so its origin lies on the patch grid
+        hits = [
+            (y, x)
+            for y in range(0, 512 - 127, 32)
+            for x in range(0, 512 - 127, 32)
+            if np.array_equal(prepared.image[0, y : y + 128, x : x + 128], image[0].numpy())
+        ]
+        assert hits, "crop origin off the patch grid"
+
+
+def test_loss_falls(run, tiles, config):
+    prepared = [
+        prn_tile(t, p, 32)
+        for t, p in zip(
+            load_tiles(discover_pairs([tiles]), [1, 2, 3], 255),
+            base_probabilities(
+                load_tiles(discover_pairs([tiles]), [1, 2, 3], 255),
+                run["checkpoint"] + ".cache.zarr",
+                base=DEFAULT_BASE,
+            ),
+            strict=True,
+        )
+        if t.name in run["split"]["train"]
+    ]
+    crops = RandomCrops(prepared, crop=128, length=8, seed=7, step=32)
+    batch = [crops[i] for i in range(8)]
+    image, label, valid, pseudo = (torch.stack(b) for b in zip(*batch, strict=True))
+    torch.manual_seed(0)  # the initial weights train_prn started from (seed 0)
+    initial = PatchRefineNet(**config["arguments"]).eval()
+    trained = load_model(run["checkpoint"]).net
+    with torch.no_grad():
+        before, after = (
+            prn_loss(*m.logits(image), pseudo, label, valid) for m in (initial, trained)
+        )
+    assert after < 0.9 * before, (before, after)
+
+
+def test_probability_rasters_instead_of_a_base(run, tiles, config, tmp_path):
+    probs_dir = tmp_path / "probs"
+    probs_dir.mkdir()
+    cache = zarr.open_group(run["checkpoint"] + ".cache.zarr", mode="r")
+    for name in SOURCES:
+        data = np.round(cache[f"probs/{name}"][...] * 255).astype(np.uint8)[None]
+        with rasterio.open(
+            probs_dir / name.replace(".png", ".tif"),
+            "w",
+            driver="GTiff",
+            width=512,
+            height=512,
+            count=1,
+            dtype="uint8",
+        ) as dst:
+            dst.write(data)
+    config = {**config, "epochs": 1, "steps_per_epoch": 2}
+    out = tmp_path / "from_probs.safetensors"
+    summary = train_prn([tiles], config, out, probs_dir=probs_dir, val_fraction=0.25, device="cpu")
+    assert load_model(out).geoprn_meta["base"] == {"probs": str(probs_dir)}
+    assert summary["base_val_road_iou"] == pytest.approx(run["base_val_road_iou"], abs=0.01)
+    (probs_dir / "18028870_15.tif").unlink()
+    with pytest.raises(InputError, match="no probability raster for tile 18028870_15.png"):
+        train_prn([tiles], config, tmp_path / "x.safetensors", probs_dir=probs_dir, device="cpu")
+
+
+def invoke(*args) -> tuple[int, str]:
+    result = CliRunner().invoke(cli, [str(a) for a in args])
+    return result.exit_code, result.output
+
+
+def test_cli_errors(tiles, run, tmp_path):
+    code, out = invoke("train", "prn", tiles, "-o", tmp_path / "p.safetensors")
+    assert code == 1 and "give either a base checkpoint (--base) or probabilities" in out
+    code, out = invoke(
+        "train", "prn", tiles, "-o", tmp_path / "p.safetensors", "--base", run["checkpoint"]
+    )
+    assert code == 1 and "is a prn checkpoint, a base one is needed" in out
+    assert "Traceback" not in out
+
+
+def test_cli_trains(tiles, config, tmp_path):
+    cfg = tmp_path / "tiny.yaml"
+    cfg.write_text(yaml.safe_dump({**SMALL, "epochs": 1, "steps_per_epoch": 2}))
+    out = tmp_path / "cli.safetensors"
+    args = ("train", "prn", tiles, "-o", out, "--base", DEFAULT_BASE, "--config", cfg)
+    code, text = invoke(*args, "--device", "cpu", "--val-fraction", "0.25")
+    assert code == 0, text
+    assert "base model at 0.5 on the val tiles: road IoU" in text and out.is_file()
+    code, text = invoke(*args)
+    assert code == 1 and "--overwrite" in text
+    shutil.rmtree(str(out) + ".cache.zarr")
