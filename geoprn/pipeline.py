@@ -30,6 +30,7 @@ from geoprn import store
 from geoprn.errors import GeoprnWarning, InputError, SchedulerError
 from geoprn.inference import predict_region, resolve_device
 from geoprn.models.checkpoint import file_sha256, load_cached, read_header
+from geoprn.quicklook import write_quicklook
 from geoprn.raster import SceneInfo, open_scene, read_region, write_mask_cog
 from geoprn.tiling import Block, Range, block_grid, cover, window_origins
 
@@ -305,6 +306,8 @@ def refine(
 
     mask_source = store.open_variable(job.paths, job.variables[-1])
     write_mask_cog(mask_source, info, job.paths.mask, threshold)
+    variables = {name: store.open_variable(job.paths, name) for name in job.variables}
+    write_quicklook(info, job.bands, variables, job.paths.quicklook)
     record = RunRecord(
         inputs={
             **signature,
@@ -323,7 +326,11 @@ def refine(
             "blocks": round(blocks_seconds, 3),
             "total": round(time.perf_counter() - started, 3),
         },
-        outputs={"zarr": str(job.paths.zarr), "mask": str(job.paths.mask)},
+        outputs={
+            "zarr": str(job.paths.zarr),
+            "mask": str(job.paths.mask),
+            "quicklook": str(job.paths.quicklook),
+        },
     )
     job.paths.run_json.write_text(json.dumps(asdict(record), indent=1))
     return record
@@ -376,6 +383,7 @@ def _plan(
             header = read_header(prn, "prn")
             tile = header["tile_size"]
             prn_ref = ModelRef.of(prn)
+            _check_pair(header, prn_ref, base_ref)
     if not 0 <= overlap < tile // 2 or overlap % 2:
         raise InputError(f"--overlap must be even and below {tile // 2}")
     if batch_size < 1:
@@ -394,6 +402,19 @@ def _plan(
         batch_size,
         device,
     )
+
+
+def _check_pair(prn_header: dict, prn: ModelRef, base: ModelRef | None) -> None:
+    """Warn when a PRN refines a base model other than the one it was trained for."""
+    trained_for = prn_header.get("base", {}).get("sha256")
+    if base is not None and trained_for is not None and trained_for != base.sha256:
+        warnings.warn(
+            f"{Path(prn.path).name} was trained for another base model "
+            f"({prn_header['base'].get('file', trained_for[:12])}), not {Path(base.path).name}: "
+            "the refined map may be worse than the base one",
+            GeoprnWarning,
+            stacklevel=3,
+        )
 
 
 def _check_probabilities(path: Path, info: SceneInfo) -> None:

@@ -50,6 +50,10 @@ class OutputPaths:
         return self.outdir / f"{self.stem}_mask.tif"
 
     @property
+    def quicklook(self) -> Path:
+        return self.outdir / f"{self.stem}_quicklook.png"
+
+    @property
     def run_json(self) -> Path:
         return self.outdir / f"{self.stem}_run.json"
 
@@ -64,7 +68,7 @@ class OutputPaths:
     def outputs(self) -> list[Path]:
         """Every path this scene's run writes (roads and quicklooks of later stages included)."""
         extra = [self.outdir / f"{self.stem}{suffix}" for suffix in ("_roads.gpkg",)]
-        return [self.zarr, self.mask, self.run_json, self.state, *extra]
+        return [self.zarr, self.mask, self.quicklook, self.run_json, self.state, *extra]
 
 
 def prepare(paths: OutputPaths, signature: dict[str, Any], overwrite: bool) -> bool:

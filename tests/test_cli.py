@@ -10,7 +10,8 @@ import pytest
 from click.testing import CliRunner
 
 from geoprn.cli.main import cli
-from tests.conftest import SHARED_DATA, massachusetts_pixels, write_raster
+from geoprn.models.checkpoint import file_sha256
+from tests.conftest import SHARED_DATA, make_checkpoint, massachusetts_pixels, write_raster
 
 
 def run(*args: str | Path):
@@ -185,7 +186,16 @@ def test_bad_options(scene, models, tmp_path):
     assert result.exit_code == 2 and "band numbers" in result.stderr
 
 
-def test_missing_default_prn_is_said_once(scene, models, tmp_path):
-    result = run("refine", scene, "-o", tmp_path / "o", "--base", models["base"], "--device", "cpu")
+def test_prn_trained_for_another_base_is_said_once(scene, models, tmp_path):
+    other = {"sha256": "0" * 64, "file": "other_base.safetensors"}
+    prn = make_checkpoint(tmp_path / "prn.safetensors", "prn", 1, 2, base=other)
+    args = ("refine", scene, "-o", tmp_path / "o", "--base", models["base"], "--prn", prn)
+    result = run(*args, "--device", "cpu")
     assert result.exit_code == 0
-    assert result.stderr.count("running the base model only") == 1
+    assert result.stderr.count("was trained for another base model (other_base.safetensors)") == 1
+    # the PRN's own base raises no warning
+    own = {"sha256": file_sha256(models["base"]), "file": "base.safetensors"}
+    prn = make_checkpoint(tmp_path / "prn_own.safetensors", "prn", 1, 2, base=own)
+    args = ("refine", scene, "-o", tmp_path / "o2", "--base", models["base"], "--prn", prn)
+    result = run(*args, "--device", "cpu")
+    assert result.exit_code == 0 and "warning" not in result.stderr
