@@ -31,7 +31,7 @@ from geoprn.errors import GeoprnWarning, InputError, SchedulerError
 from geoprn.inference import predict_region, resolve_device
 from geoprn.models.checkpoint import file_sha256, load_cached, read_header
 from geoprn.quicklook import write_quicklook
-from geoprn.raster import SceneInfo, open_scene, read_region, write_mask_cog
+from geoprn.raster import SceneInfo, WorkGrid, open_scene, read_region, write_mask_cog
 from geoprn.tiling import Block, Range, block_grid, cover, window_origins
 
 if TYPE_CHECKING:
@@ -70,6 +70,7 @@ class RefineJob:
     overlap: int
     batch_size: int
     device: str
+    grid: WorkGrid
 
     @property
     def stages(self) -> list[tuple[str, ModelRef]]:
@@ -104,41 +105,44 @@ class RunRecord:
     outputs: dict[str, str] = field(default_factory=dict)
 
 
-def _read_probabilities(path: str, rows: Range, cols: Range) -> np.ndarray:
+def _read_probabilities(ds: rasterio.DatasetReader, rows: Range, cols: Range) -> np.ndarray:
     """A probability raster over a region as (1, H, W) float32 in [0, 1]; NaN becomes 0."""
-    with rasterio.open(path) as ds:
-        data, _ = read_region(ds, [1], rows, cols)
-        scale = 255.0 if ds.dtypes[0] == "uint8" else 1.0
+    data, _ = read_region(ds, [1], rows, cols)
+    scale = 255.0 if ds.dtypes[0] == "uint8" else 1.0
     return np.nan_to_num(data.astype(np.float32) / scale, nan=0.0)
 
 
-def process_block(job: RefineJob, block: Block) -> BlockResult:
-    """Compute one block and write it to the store (runs on a Dask worker)."""
-    started = time.perf_counter()
-    with rasterio.open(job.scene.path) as ds:
-        _, valid_here = read_region(ds, None, block.rows, block.cols)
-        if not valid_here.any():
-            store.mark_done(job.paths, block, "skipped")
-            return BlockResult(block.key, "skipped")
-        origins = (
-            window_origins(job.scene.height, job.tile, job.overlap),
-            window_origins(job.scene.width, job.tile, job.overlap),
+def predict_stages(job: RefineJob, rows: Range, cols: Range) -> tuple[dict[str, np.ndarray], int]:
+    """Every stage's probabilities over work-grid pixels ``rows`` x ``cols``.
+
+    Each stage runs the windows touching the region the next stage needs (its halo), so the
+    region's values are those of the scene-wide blend, whatever the region.
+
+    Returns:
+        Variable name -> (H, W) float32 probabilities (0 at nodata), and the windows run.
+    """
+    grid = job.grid
+    origins = (
+        window_origins(grid.height, job.tile, job.overlap),
+        window_origins(grid.width, job.tile, job.overlap),
+    )
+    regions = [(rows, cols)]
+    for _ in job.stages:
+        need_rows, need_cols = regions[0]
+        regions.insert(
+            0, (cover(origins[0], need_rows, job.tile), cover(origins[1], need_cols, job.tile))
         )
-        regions = [(block.rows, block.cols)]
-        for _ in job.stages:
-            rows, cols = regions[0]
-            regions.insert(
-                0, (cover(origins[0], rows, job.tile), cover(origins[1], cols, job.tile))
-            )
+    with grid.open(job.scene.path) as ds:
         if job.probs is None:
             source, valid = read_region(ds, job.bands, *regions[0])
         else:
             _, valid = read_region(ds, None, *regions[0])
-            source = _read_probabilities(job.probs, *regions[0])
+            with grid.open(job.probs) as probs:
+                source = _read_probabilities(probs, *regions[0])
 
     device = resolve_device(job.device)
     (ry0, _), (rx0, _) = regions[0]
-    # each output: (probabilities, top-left scene coordinate of the array)
+    # each output: (probabilities, top-left work-grid coordinate of the array)
     outputs: dict[str, tuple[np.ndarray, tuple[int, int]]] = {}
     if job.probs is not None:
         outputs["base"] = source[0], (ry0, rx0)
@@ -163,15 +167,30 @@ def process_block(job: RefineJob, block: Block) -> BlockResult:
         probs[~valid[oy0 - ry0 : oy1 - ry0, ox0 - rx0 : ox1 - rx0]] = 0.0
         outputs[name] = probs, (oy0, ox0)
         source = probs[None]
-
-    (by0, by1), (bx0, bx1) = block.rows, block.cols
+    (y0, y1), (x0, x1) = rows, cols
     cropped = {
-        name: np.where(valid_here, probs[by0 - y0 : by1 - y0, bx0 - x0 : bx1 - x0], np.nan).astype(
-            np.float32
-        )
-        for name, (probs, (y0, x0)) in outputs.items()
+        name: probs[y0 - oy : y1 - oy, x0 - ox : x1 - ox]
+        for name, (probs, (oy, ox)) in outputs.items()
     }
-    store.write_block(job.paths, block, cropped)
+    return cropped, windows
+
+
+def process_block(job: RefineJob, block: Block) -> BlockResult:
+    """Compute one block and write it to the store (runs on a Dask worker)."""
+    started = time.perf_counter()
+    with rasterio.open(job.scene.path) as ds:
+        _, valid = read_region(ds, None, block.rows, block.cols)
+    if not valid.any():
+        store.mark_done(job.paths, block, "skipped")
+        return BlockResult(block.key, "skipped")
+    grid = job.grid
+    if grid.resampled:
+        work, windows = predict_stages(job, grid.support(block.rows), grid.support(block.cols))
+        probs = {name: grid.to_scene(v, block.rows, block.cols) for name, v in work.items()}
+    else:
+        probs, windows = predict_stages(job, block.rows, block.cols)
+    masked = {name: np.where(valid, v, np.nan).astype(np.float32) for name, v in probs.items()}
+    store.write_block(job.paths, block, masked)
     return BlockResult(block.key, "computed", windows, time.perf_counter() - started)
 
 
@@ -243,6 +262,7 @@ def refine(
     threshold: float = 0.5,
     overwrite: bool = False,
     zarr_format: int = 2,
+    resample: str = "auto",
     progress: Callable[[int, int, BlockResult | None], None] | None = None,
 ) -> RunRecord:
     """Segment roads over a whole scene and write Zarr probabilities and a COG mask.
@@ -263,6 +283,9 @@ def refine(
         threshold: probability above which a pixel is road in the mask.
         overwrite: replace outputs of a different command instead of refusing.
         zarr_format: 2 (read by GDAL 3.10 with its CRS) or 3.
+        resample: ``auto`` runs the models on the scene resampled to their training GSD when
+            the two differ by more than 1.5x (probabilities come back to the scene grid
+            bilinearly); ``off`` runs them on the scene's own pixels.
         progress: called as ``progress(done, total, result)`` after each block, and once
             with ``(0, total, None)`` before the first.
 
@@ -271,7 +294,11 @@ def refine(
     """
     started = time.perf_counter()
     info = open_scene(scene)
-    job = _plan(info, Path(outdir), base, prn, probs, use_prn, bands, device, batch_size, overlap)
+    job = _plan(
+        info, Path(outdir), base, prn, probs, use_prn, bands, device, batch_size, overlap, resample
+    )
+    if job.grid.resampled:
+        log.info("models run at %.3g x the scene's pixel size", job.grid.factor)
     if block_size <= 0 or block_size % store.CHUNK:
         raise InputError(f"--block-size must be a positive multiple of {store.CHUNK}")
     if zarr_format not in (2, 3):
@@ -347,14 +374,16 @@ def _plan(
     device: str,
     batch_size: int,
     overlap: int,
+    resample: str,
 ) -> RefineJob:
     """Check the models, bands and options against the scene; build the job."""
     base_ref = None
     tile = 512
+    gsd = None  # the ground sampling distance the models were trained at
     if probs is None:
         base = Path(base) if base is not None else DEFAULT_BASE
         header = read_header(base, "base")
-        tile = header["tile_size"]
+        tile, gsd = header["tile_size"], header.get("gsd")
         bands = bands or header["bands"]
         if len(bands) != len(header["bands"]):
             raise InputError(
@@ -381,7 +410,7 @@ def _plan(
             )
         else:
             header = read_header(prn, "prn")
-            tile = header["tile_size"]
+            tile, gsd = header["tile_size"], gsd or header.get("gsd")
             prn_ref = ModelRef.of(prn)
             _check_pair(header, prn_ref, base_ref)
     if not 0 <= overlap < tile // 2 or overlap % 2:
@@ -401,6 +430,7 @@ def _plan(
         overlap,
         batch_size,
         device,
+        WorkGrid.choose(info, gsd, resample),
     )
 
 
@@ -446,4 +476,5 @@ def _signature(job: RefineJob, block_size: int, threshold: float, zarr_format: i
         "block_size": block_size,
         "threshold": threshold,
         "zarr_format": zarr_format,
+        "resample_factor": job.grid.factor,
     }

@@ -72,6 +72,14 @@ def _bands(ctx: click.Context, param: click.Parameter, value: str | None) -> lis
     show_default=True,
     help="Zarr format of the probability store (GDAL 3.10 reads 2).",
 )
+@click.option(
+    "--resample",
+    type=click.Choice(["auto", "off"]),
+    default="auto",
+    show_default=True,
+    help="auto: run the models at the ground resolution they were trained at when the "
+    "scene's differs by more than 1.5x; off: on the scene's own pixels.",
+)
 @click.option("--overwrite", is_flag=True, help="Replace outputs of a different command.")
 def refine(
     scene,
@@ -88,6 +96,7 @@ def refine(
     scheduler,
     threshold,
     zarr_format,
+    resample,
     overwrite,
 ) -> None:
     """Segment roads in SCENE; write probabilities (Zarr) and a road mask (COG) to OUTDIR.
@@ -125,6 +134,7 @@ def refine(
             threshold=threshold,
             overwrite=overwrite,
             zarr_format=int(zarr_format),
+            resample=resample,
             progress=progress,
         )
     finally:
