@@ -288,7 +288,7 @@ class WorkGrid:
                 if not self.resampled:
                     yield ds
                     return
-                transform = ds.transform * Affine.scale(self.factor)
+                transform = ds.transform @ Affine.scale(self.factor)
                 with WarpedVRT(
                     ds,
                     crs=ds.crs,
