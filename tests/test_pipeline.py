@@ -286,3 +286,22 @@ def test_unwritable_output_folder(mass_scene, models, tmp_path):
     blocker.write_text("")
     with pytest.raises(OutputError, match="cannot create output folder"):
         refine(mass_scene, blocker / "out", base=models["base"], device="cpu")
+
+
+def test_quicklook_shows_image_base_and_refined(models, tmp_path):
+    sample = Path(__file__).resolve().parents[1] / "data" / "sample" / "paris_img1447.tif"
+    refine(sample, tmp_path, base=models["base"], prn=models["prn"], device="cpu")
+    with rasterio.open(tmp_path / "paris_img1447_quicklook.png") as png:
+        picture = png.read().astype(int)
+    assert picture.shape == (3, 650, 3 * 650 + 2 * 8)  # three 650 px panels, 8 px gaps
+    with rasterio.open(sample) as scene:
+        pixels = scene.read()
+    # the image panel follows the scene; each probability panel paints it red
+    image = picture[:, :, :650]
+    assert np.corrcoef(image[0].ravel(), pixels[0].ravel())[0, 1] > 0.9
+    for name, start in (("base", 658), ("refined", 1316)):
+        panel = picture[:, :, start : start + 650]
+        probs = read(tmp_path, name, "paris_img1447")
+        alpha = 0.85 * probs[None]
+        painted = image * (1 - alpha) + np.array([255, 32, 32])[:, None, None] * alpha
+        assert np.abs(panel - painted).max() <= 1.5  # the image, painted red by probability
