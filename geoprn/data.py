@@ -30,11 +30,12 @@ from rasterio.errors import NotGeoreferencedWarning, RasterioIOError
 from torch.utils.data import Dataset
 
 from geoprn.errors import InputError
+from geoprn.labels import DEFAULT_ROAD_WIDTH, VECTOR_SUFFIXES, rasterize_roads
 
 log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".tif", ".tiff", ".png", ".jpg", ".jpeg", ".jp2", ".vrt", ".img")
-LABEL_SIBLINGS = ("_mask", "_label", "_labels", "_gt")
+LABEL_SIBLINGS = ("_mask", "_label", "_labels", "_gt", "_roads", "_osm_roads")
 
 
 @dataclass(frozen=True)
@@ -98,7 +99,7 @@ def _folder_pairs(folder: Path) -> list[TilePair]:
 def _sibling_label(image: Path) -> Path | None:
     for tag in LABEL_SIBLINGS:
         for candidate in sorted(image.parent.glob(f"{image.stem}{tag}.*")):
-            if candidate.suffix.lower() in IMAGE_SUFFIXES:
+            if candidate.suffix.lower() in IMAGE_SUFFIXES + VECTOR_SUFFIXES:
                 return candidate
     return None
 
@@ -166,14 +167,21 @@ def _open(path: Path):
         raise InputError(f"cannot read {path}: {exc}") from None
 
 
-def load_tile(pair: TilePair, bands: Sequence[int], nodata: float | None = None) -> LabelledTile:
+def load_tile(
+    pair: TilePair,
+    bands: Sequence[int],
+    nodata: float | None = None,
+    road_width: float = DEFAULT_ROAD_WIDTH,
+) -> LabelledTile:
     """Read one labelled tile.
 
     Args:
-        pair: image and label rasters.
+        pair: image and label: a raster, or road centreline vectors (any CRS) burnt onto the
+            image's grid ``road_width`` metres wide.
         bands: 1-based band indexes of the image to read.
         nodata: if given, pixels whose bands ALL equal it are invalid (in addition to the
             raster's own dataset mask).
+        road_width: full road width in metres, for vector labels.
 
     Raises:
         InputError: unreadable rasters, too few bands, or image and label sizes differ.
@@ -187,7 +195,12 @@ def load_tile(pair: TilePair, bands: Sequence[int], nodata: float | None = None)
             warnings.simplefilter("ignore", NotGeoreferencedWarning)
             image = src.read(list(bands))
             valid = src.dataset_mask() > 0
-        shape = (src.height, src.width)
+        shape, transform, crs = (src.height, src.width), src.transform, src.crs
+    if nodata is not None:
+        valid &= ~np.all(image == np.asarray(nodata, dtype=image.dtype), axis=0)
+    if pair.label.suffix.lower() in VECTOR_SUFFIXES:
+        label = rasterize_roads(pair.label, shape, transform, crs, road_width)
+        return LabelledTile(pair.name, image, label, valid)
     with _open(pair.label) as src:
         if (src.height, src.width) != shape:
             raise InputError(
@@ -198,8 +211,6 @@ def load_tile(pair: TilePair, bands: Sequence[int], nodata: float | None = None)
             warnings.simplefilter("ignore", NotGeoreferencedWarning)
             raw = src.read(1)
             label_valid = src.read_masks(1) > 0
-    if nodata is not None:
-        valid &= ~np.all(image == np.asarray(nodata, dtype=image.dtype), axis=0)
     valid &= label_valid
     threshold = 128 if raw.max() > 1 else 1
     label = (raw >= threshold).astype(np.uint8)
@@ -207,7 +218,10 @@ def load_tile(pair: TilePair, bands: Sequence[int], nodata: float | None = None)
 
 
 def load_tiles(
-    pairs: Sequence[TilePair], bands: Sequence[int], nodata: float | None = None
+    pairs: Sequence[TilePair],
+    bands: Sequence[int],
+    nodata: float | None = None,
+    road_width: float = DEFAULT_ROAD_WIDTH,
 ) -> list[LabelledTile]:
     """Read labelled tiles and check they agree with each other.
 
@@ -225,7 +239,7 @@ def load_tiles(
                 f"{pair.image} has {this[0]} band(s) of {this[1]} but {signature[1]} has "
                 f"{signature[0][0]} of {signature[0][1]}; all tiles must match"
             )
-    return [load_tile(pair, bands, nodata) for pair in pairs]
+    return [load_tile(pair, bands, nodata, road_width) for pair in pairs]
 
 
 def band_statistics(tiles: Sequence[LabelledTile]) -> tuple[list[float], list[float]]:

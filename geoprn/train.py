@@ -65,6 +65,7 @@ DEFAULTS: dict[str, Any] = {
     "dice_weight": 1.0,
     "val_batch": 4,
     "workers": 0,
+    "road_width": 4.0,
 }
 """Training settings a config may leave out."""
 
@@ -360,7 +361,7 @@ def train_base(
 
     bands, nodata = list(config["bands"]), config.get("nodata")
     log.info("loading %d training and %d validation tiles", len(train_pairs), len(val_pairs))
-    loaded = load_tiles(train_pairs + val_pairs, bands, nodata)
+    loaded = load_tiles(train_pairs + val_pairs, bands, nodata, float(config["road_width"]))
     train_data, val_data = loaded[: len(train_pairs)], loaded[len(train_pairs) :]
     if sum(int(t.valid.sum()) for t in val_data) == 0:
         raise InputError("the validation tiles hold no valid pixel (all nodata?)")
@@ -710,7 +711,9 @@ def train_prn(
     device_ = resolve_device(device)
     train_pairs, val_pairs = _split(tiles, val_tiles, val_fraction, seed, config, state)
     bands = base_meta.get("bands", [1])
-    loaded = load_tiles(train_pairs + val_pairs, bands, base_meta.get("nodata"))
+    loaded = load_tiles(
+        train_pairs + val_pairs, bands, base_meta.get("nodata"), float(config["road_width"])
+    )
     probs = base_probabilities(
         loaded, _cache_path(out_path), base, probs_dir, int(config["val_batch"]), device_
     )

@@ -8,6 +8,7 @@ from typing import Any
 import click
 from tqdm import tqdm
 
+from geoprn.labels import parse_width
 from geoprn.train import load_config, train_base, train_prn
 
 
@@ -18,6 +19,10 @@ def _nodata(ctx: click.Context, param: click.Parameter, value: str | None):
         return float(value)
     except ValueError:
         raise click.BadParameter("give a number, or 'none'") from None
+
+
+def _road_width(ctx: click.Context, param: click.Parameter, value: str | None) -> float | None:
+    return None if value is None else parse_width(value)
 
 
 def _common_options(default_config: str, default_val_fraction: float) -> Callable:
@@ -56,6 +61,12 @@ def _common_options(default_config: str, default_val_fraction: float) -> Callabl
         click.option("--batch-size", type=int, help="Override the config's batch size."),
         click.option("--crop", type=int, help="Override the config's crop size (pixels)."),
         click.option("--lr", type=float, help="Override the config's learning rate."),
+        click.option(
+            "--road-width",
+            callback=_road_width,
+            help="Width in metres of roads burnt from centreline vectors, e.g. 4m "
+            "(default: the config's, 4m).",
+        ),
         click.option(
             "--max-minutes",
             type=float,
@@ -113,6 +124,10 @@ def _run(trainer: Callable, desc: str, tiles, output, config: dict, **kwargs: An
     return summary
 
 
+OVERRIDES = ("epochs", "steps_per_epoch", "batch_size", "crop", "road_width")
+"""Options that override a config setting of the same name."""
+
+
 @click.group()
 def train() -> None:
     """Train a model from labelled tiles."""
@@ -130,9 +145,11 @@ def base(tiles, output, config_name, nodata, val_tiles, **options) -> None:
     """Train a base segmentation model on TILES and save its best weights to OUTPUT.
 
     TILES are folders with images/ + masks/ (matching names), folders of <id>_sat/<id>_mask
-    pairs, IMAGE,LABEL pairs, or images with a <stem>_mask raster beside them.
+    pairs, IMAGE,LABEL pairs, or images with a <stem>_mask raster beside them. A label may be
+    road centreline vectors (.gpkg, .geojson, .shp, .fgb; any CRS), burnt --road-width wide;
+    <stem>_roads.<ext> beside an image is found too.
     """
-    overrides = {k: options.pop(k) for k in ("epochs", "steps_per_epoch", "batch_size", "crop")}
+    overrides = {k: options.pop(k) for k in OVERRIDES}
     config = load_config(config_name, lr=options.pop("lr"), nodata=nodata, **overrides)
     if nodata == "none":
         config["nodata"] = None
@@ -158,7 +175,7 @@ def prn(tiles, output, config_name, base, probs_dir, val_tiles, **options) -> No
     Use tiles the base model never trained on (the paper's protocol: the base model trains on
     the train split, PRN on the val split). TILES take the same forms as for `train base`.
     """
-    overrides = {k: options.pop(k) for k in ("epochs", "steps_per_epoch", "batch_size", "crop")}
+    overrides = {k: options.pop(k) for k in OVERRIDES}
     config = load_config(config_name, lr=options.pop("lr"), **overrides)
     summary = _run(
         train_prn,
