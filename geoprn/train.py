@@ -23,6 +23,7 @@ import rasterio
 import torch
 import yaml
 
+from geoprn.curves import plot_history
 from geoprn.data import (
     IMAGE_SUFFIXES,
     LabelledTile,
@@ -550,6 +551,7 @@ def _fit(
         )
         tmp.replace(state_file)
         write_history_csv(history, history_path(out_path))
+        plot_history(history, curves_path(out_path))
         notify("epoch", {**record, "best_val_road_iou": best_iou})
         if bad_epochs >= int(config["patience"]):
             stopped = "early_stopping"
@@ -567,6 +569,7 @@ def _fit(
         "checkpoint": str(out_path),
         "state": str(state_file),
         "history_csv": str(history_path(out_path)),
+        "curves_png": str(curves_path(out_path)),
         "best_val_road_iou": best_iou,
         "best_epoch": best_epoch,
         "epochs": epoch,
@@ -576,6 +579,12 @@ def _fit(
         "split": run.split,
         "history": history,
     }
+
+
+def curves_path(out_path: str | Path) -> Path:
+    """The PNG of the training curves kept beside a checkpoint: ``<out>.curves.png``."""
+    out_path = Path(out_path)
+    return out_path.with_name(out_path.name + ".curves.png")
 
 
 def history_path(out_path: str | Path) -> Path:

@@ -107,6 +107,9 @@ def test_checkpoint_records_its_base_and_split(run):
     assert probs.shape == x.shape and probs.min() >= 0 and probs.max() <= 1
     csv_rows = Path(run["history_csv"]).read_text().splitlines()
     assert csv_rows[0].startswith("epoch,steps,train_loss,val_road_iou") and len(csv_rows) == 3
+    with rasterio.open(run["curves_png"]) as png:
+        curves = png.read()
+    assert curves.shape == (3, 260, 840) and (curves[0] < 100).mean() > 0.005  # lines drawn
 
 
 def test_cache_holds_what_refine_computes(run, tiles):

@@ -120,7 +120,7 @@ def _run(trainer: Callable, desc: str, tiles, output, config: dict, **kwargs: An
         f"val tiles: {', '.join(summary['split']['val'])}"
     )
     click.echo(f"checkpoint: {summary['checkpoint']}")
-    click.echo(f"epoch log: {summary['history_csv']}")
+    click.echo(f"epoch log: {summary['history_csv']}, curves: {summary['curves_png']}")
     return summary
 
 

@@ -1,0 +1,85 @@
+"""The models' own speed limit: forward passes alone, tensors already on the device.
+
+Prints tiles/s (512 x 512) for the base model, PRN and both in a row, and km²/h at a given
+GSD, for the shipped weights (or given ones). This is the ceiling ``refine`` can approach.
+
+    python benchmarks/model_speed.py                       # CPU, batch 2
+    python benchmarks/model_speed.py --device cuda --batch-size 64 --dtype bf16
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from contextlib import nullcontext
+
+import torch
+
+from geoprn.inference import resolve_device
+from geoprn.models.checkpoint import load_model
+from geoprn.pipeline import DEFAULT_BASE, DEFAULT_PRN
+
+TILE = 512
+
+
+def seconds_per_batch(model, x: torch.Tensor, autocast, repeats: int) -> float:
+    """Median wall time of one forward pass (after two warm-ups), synchronised on CUDA."""
+    times = []
+    with torch.inference_mode(), autocast:
+        for i in range(repeats + 2):
+            if x.is_cuda:
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            model(x)
+            if x.is_cuda:
+                torch.cuda.synchronize()
+            if i >= 2:
+                times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--base", default=str(DEFAULT_BASE))
+    parser.add_argument("--prn", default=str(DEFAULT_PRN))
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--batch-size", type=int, default=2)
+    parser.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32")
+    parser.add_argument("--channels-last", action="store_true")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--gsd", type=float, default=0.5, help="metres per pixel for km²/h")
+    args = parser.parse_args()
+    device = resolve_device(args.device)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.dtype)
+    autocast = torch.autocast(device.type, dtype=dtype) if dtype else nullcontext()
+    memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
+    base = load_model(args.base, "base", device).to(memory_format=memory_format)
+    prn = load_model(args.prn, "prn", device).to(memory_format=memory_format)
+    bands = len(base.geoprn_meta["bands"])
+    x = (torch.rand(args.batch_size, bands, TILE, TILE, device=device) * 255).to(
+        memory_format=memory_format
+    )
+    p = torch.rand(args.batch_size, 1, TILE, TILE, device=device).to(memory_format=memory_format)
+    timings = {
+        "base": seconds_per_batch(base, x, autocast, args.repeats),
+        "PRN": seconds_per_batch(prn, p, autocast, args.repeats),
+    }
+    timings["base + PRN"] = timings["base"] + timings["PRN"]
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    print(
+        f"device {name} ({torch.get_num_threads()} threads), batch {args.batch_size}, "
+        f"{args.dtype}{', channels_last' if args.channels_last else ''}, "
+        f"median of {args.repeats}"
+    )
+    km2_per_tile = (TILE * args.gsd) ** 2 / 1e6
+    print(f"| model | s / batch | tiles/s | km²/h at {args.gsd:g} m |\n|---|---|---|---|")
+    for model, seconds in timings.items():
+        tiles = args.batch_size / seconds
+        print(f"| {model} | {seconds:.4f} | {tiles:.1f} | {tiles * km2_per_tile * 3600:,.0f} |")
+    if device.type == "cuda":
+        print(f"peak GPU memory {torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB")
+
+
+if __name__ == "__main__":
+    main()
