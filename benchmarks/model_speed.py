@@ -17,8 +17,7 @@ from contextlib import nullcontext
 import torch
 
 from geoprn.inference import resolve_device
-from geoprn.models.checkpoint import load_model
-from geoprn.pipeline import DEFAULT_BASE, DEFAULT_PRN
+from geoprn.models.checkpoint import DEFAULT_BASE, DEFAULT_PRN, load_model
 
 TILE = 512
 

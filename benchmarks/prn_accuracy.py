@@ -26,8 +26,7 @@ import numpy as np
 from geoprn.data import discover_pairs, load_tiles
 from geoprn.inference import predict_array, resolve_device
 from geoprn.metrics import BoundaryCounts, Confusion, evaluate
-from geoprn.models.checkpoint import load_model
-from geoprn.pipeline import DEFAULT_BASE, DEFAULT_PRN
+from geoprn.models.checkpoint import DEFAULT_BASE, DEFAULT_PRN, load_model
 from geoprn.pseudo_labels import THRESHOLDS, patch_optimal_labels
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"

@@ -29,7 +29,13 @@ from dask.callbacks import Callback
 from geoprn import store
 from geoprn.errors import GeoprnWarning, InputError, SchedulerError
 from geoprn.inference import predict_region, resolve_device
-from geoprn.models.checkpoint import file_sha256, load_cached, read_header
+from geoprn.models.checkpoint import (
+    DEFAULT_BASE,
+    DEFAULT_PRN,
+    file_sha256,
+    load_cached,
+    read_header,
+)
 from geoprn.quicklook import write_quicklook
 from geoprn.raster import SceneInfo, WorkGrid, open_scene, read_region, write_mask_cog
 from geoprn.tiling import Block, Range, block_grid, cover, window_origins
@@ -38,10 +44,6 @@ if TYPE_CHECKING:
     from distributed import Client
 
 log = logging.getLogger(__name__)
-
-WEIGHTS_DIR = Path(__file__).parent / "weights"
-DEFAULT_BASE = WEIGHTS_DIR / "base_default.safetensors"
-DEFAULT_PRN = WEIGHTS_DIR / "prn_default.safetensors"
 
 
 @dataclass(frozen=True)

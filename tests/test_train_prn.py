@@ -20,9 +20,8 @@ from geoprn.data import RandomCrops, discover_pairs, load_tiles
 from geoprn.errors import InputError
 from geoprn.inference import predict_array
 from geoprn.losses import prn_loss
-from geoprn.models.checkpoint import file_sha256, load_model
+from geoprn.models.checkpoint import DEFAULT_BASE, file_sha256, load_model
 from geoprn.models.prn import PatchRefineNet
-from geoprn.pipeline import DEFAULT_BASE
 from geoprn.pseudo_labels import patch_optimal_labels
 from geoprn.train import base_probabilities, load_config, prn_tile, train_prn
 

@@ -25,6 +25,10 @@ FORMAT = "geoprn-checkpoint"
 FORMAT_VERSION = 1
 KINDS = ("base", "prn", "bpr")
 REQUIRED = ("kind", "architecture", "arguments", "bands", "tile_size")
+WEIGHTS_DIR = Path(__file__).parents[1] / "weights"
+DEFAULT_BASE = WEIGHTS_DIR / "base_default.safetensors"
+DEFAULT_PRN = WEIGHTS_DIR / "prn_default.safetensors"
+"""The shipped weights (geoprn/weights/README.md), used when no checkpoint is given."""
 
 
 def build_network(meta: dict[str, Any]) -> torch.nn.Module:
@@ -128,9 +132,10 @@ def load_model(
 def load_cached(path: str, sha256: str, device: str) -> Predictor:
     """Load a checkpoint once per process (a Dask worker keeps its models across tasks).
 
-    ``sha256`` is part of the cache key so a file replaced on disk is loaded afresh.
+    ``sha256`` is part of the cache key so a file replaced on disk is loaded afresh. The
+    weights are laid out channels-last, the layout GPU convolutions run fastest in.
     """
-    return load_model(path, device=device)
+    return load_model(path, device=device).to(memory_format=torch.channels_last)
 
 
 def file_sha256(path: str | Path) -> str:
