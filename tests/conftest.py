@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import numpy as np
 import pytest
 import rasterio
+from rasterio.errors import NotGeoreferencedWarning
 from rasterio.transform import from_origin
 
 from geoprn.models.base import build_base
@@ -93,3 +95,19 @@ def mass_scene(tmp_path_factory) -> Path:
     """A real 1100 x 900 aerial scene (Massachusetts Roads, 1 m) given a UTM 19N grid."""
     path = tmp_path_factory.mktemp("scenes") / "mass.tif"
     return write_raster(path, massachusetts_pixels(900, 1100))
+
+
+def crop_tiles(folder: Path, windows: dict[str, tuple[int, int]], root: Path, size: int = 512):
+    """images/ + masks/ under ``root`` holding ``size`` px PNG crops of real labelled tiles:
+    ``windows`` maps a tile name in ``folder`` to the (row, col) of its crop."""
+    for kind in ("images", "masks"):
+        (root / kind).mkdir(parents=True, exist_ok=True)
+        for name, (y, x) in windows.items():
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", NotGeoreferencedWarning)
+                with rasterio.open(folder / kind / name) as src:
+                    array = src.read(window=((y, y + size), (x, x + size)))
+                profile = {"driver": "PNG", "width": size, "height": size, "count": len(array)}
+                with rasterio.open(root / kind / name, "w", dtype=array.dtype, **profile) as dst:
+                    dst.write(array)
+    return root

@@ -31,6 +31,7 @@ from geoprn.train import (
     state_path,
     train_base,
 )
+from tests.conftest import crop_tiles
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 MASS = DATA / "massachusetts" / "train"
@@ -91,13 +92,7 @@ def write_png(path: Path, array: np.ndarray) -> None:
 @pytest.fixture(scope="module")
 def tiles(tmp_path_factory) -> Path:
     """images/ + masks/ with 512 x 512 windows of four real Massachusetts tiles."""
-    root = tmp_path_factory.mktemp("mass512")
-    (root / "images").mkdir()
-    (root / "masks").mkdir()
-    for name, (y, x) in SOURCES.items():
-        write_png(root / "images" / name, read(MASS / "images" / name)[:, y : y + 512, x : x + 512])
-        write_png(root / "masks" / name, read(MASS / "masks" / name)[:, y : y + 512, x : x + 512])
-    return root
+    return crop_tiles(MASS, SOURCES, tmp_path_factory.mktemp("mass512"))
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import shutil
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +12,6 @@ import torch
 import yaml
 import zarr
 from click.testing import CliRunner
-from rasterio.errors import NotGeoreferencedWarning
 
 from geoprn.cli.main import cli
 from geoprn.data import RandomCrops, discover_pairs, load_tiles
@@ -24,6 +22,7 @@ from geoprn.models.checkpoint import DEFAULT_BASE, file_sha256, load_model
 from geoprn.models.prn import PatchRefineNet
 from geoprn.pseudo_labels import patch_optimal_labels
 from geoprn.train import base_probabilities, load_config, prn_tile, train_prn
+from tests.conftest import crop_tiles
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 VAL = DATA / "massachusetts" / "val"
@@ -57,24 +56,9 @@ SMALL = {
 pytestmark = pytest.mark.skipif(not VAL.is_dir(), reason=f"real data not found at {DATA}")
 
 
-def rw(src: Path, dst: Path, y: int, x: int) -> None:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", NotGeoreferencedWarning)
-        with rasterio.open(src) as ds:
-            array = ds.read()[:, y : y + 512, x : x + 512]
-        profile = {"driver": "PNG", "width": 512, "height": 512, "count": array.shape[0]}
-        with rasterio.open(dst, "w", dtype=array.dtype, **profile) as out:
-            out.write(array)
-
-
 @pytest.fixture(scope="module")
 def tiles(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("val512")
-    for kind in ("images", "masks"):
-        (root / kind).mkdir()
-        for name, (y, x) in SOURCES.items():
-            rw(VAL / kind / name, root / kind / name, y, x)
-    return root
+    return crop_tiles(VAL, SOURCES, tmp_path_factory.mktemp("val512"))
 
 
 @pytest.fixture(scope="module")
