@@ -250,7 +250,7 @@ def _open_state(out_path: Path, resume: bool, overwrite: bool) -> dict[str, Any]
         raise CheckpointError(f"cannot read {state_file}: {exc}") from None
 
 
-def _as_pairs(sources: Sequence[str | Path | TilePair]) -> list[TilePair]:
+def as_pairs(sources: Sequence[str | Path | TilePair]) -> list[TilePair]:
     pairs = [s for s in sources if isinstance(s, TilePair)]
     others = [s for s in sources if not isinstance(s, TilePair)]
     return pairs + (discover_pairs(others) if others else [])
@@ -265,7 +265,7 @@ def _split(
     state: dict[str, Any] | None,
 ) -> tuple[list[TilePair], list[TilePair]]:
     """Training and validation tiles: as recorded in ``state``, as given, or held out."""
-    pairs = _as_pairs(tiles)
+    pairs = as_pairs(tiles)
     if state is not None:
         for key in MODEL_KEYS:
             if state["config"][key] != config[key]:
@@ -273,7 +273,7 @@ def _split(
                     f"cannot resume: the config's {key} differs from the one the state "
                     "was trained with"
                 )
-        by_name = {p.name: p for p in pairs + (_as_pairs(val_tiles) if val_tiles else [])}
+        by_name = {p.name: p for p in pairs + (as_pairs(val_tiles) if val_tiles else [])}
         lost = [n for n in state["split"]["train"] + state["split"]["val"] if n not in by_name]
         if lost:
             raise InputError(f"cannot resume: tile {lost[0]} of the recorded split is not given")
@@ -281,7 +281,7 @@ def _split(
             by_name[n] for n in state["split"]["val"]
         ]
     if val_tiles:
-        train_pairs, val_pairs = pairs, _as_pairs(val_tiles)
+        train_pairs, val_pairs = pairs, as_pairs(val_tiles)
         overlap = {p.name for p in train_pairs} & {p.name for p in val_pairs}
         if overlap:
             raise InputError(f"tile {sorted(overlap)[0]} is both a training and a validation tile")
@@ -637,9 +637,7 @@ def base_probabilities(
             out.append(np.asarray(group[key][...]))
             continue
         if model is not None:
-            autocast, _ = _autocast(torch.device(device))
-            with autocast:
-                probs = predict_array(model, tile.image, batch_size=batch_size, device=device)
+            probs = predict_array(model, tile.image, batch_size=batch_size, device=device)
         else:
             probs = _read_probability_raster(Path(probs_dir), tile)
         group.create_array(key, data=probs.astype(np.float32), chunks=(512, 512))
@@ -759,10 +757,7 @@ def train_prn(
         return prn_loss(global_logits, local_logits, pseudo, label, valid)
 
     def refined_iou(model: Predictor, autocast) -> float:
-        with autocast:
-            refined = [
-                predict_array(model, p[None], window, 64, val_batch, device_) for p in val_probs
-            ]
+        refined = [predict_array(model, p[None], window, 64, val_batch, device_) for p in val_probs]
         return pooled_road_iou([r > 0.5 for r in refined], val_truth)
 
     base_iou = pooled_road_iou([p > 0.5 for p in val_probs], val_truth)

@@ -8,6 +8,7 @@ from typing import Any
 import click
 from tqdm import tqdm
 
+from geoprn.crossfit import train_prn_crossfit
 from geoprn.labels import parse_width
 from geoprn.train import load_config, train_base, train_prn
 
@@ -169,7 +170,21 @@ def base(tiles, output, config_name, nodata, val_tiles, **options) -> None:
     type=click.Path(file_okay=False),
     help="Instead of --base: a folder of probability rasters named like the tiles' images.",
 )
-def prn(tiles, output, config_name, base, probs_dir, val_tiles, **options) -> None:
+@click.option(
+    "--folds",
+    type=click.IntRange(min=2),
+    help="Instead of --base: cross-fit K base models (each tile's probabilities from the one "
+    "that did not train on it) so PRN learns from every tile; kept in <OUTPUT>.folds/.",
+)
+@click.option(
+    "--base-config",
+    default="base_unet_mnv2",
+    show_default=True,
+    help="With --folds: the config of the fold base models.",
+)
+def prn(
+    tiles, output, config_name, base, probs_dir, folds, base_config, val_tiles, **options
+) -> None:
     """Train a PatchRefineNet on TILES for a base model and save its best weights to OUTPUT.
 
     Use tiles the base model never trained on (the paper's protocol: the base model trains on
@@ -177,15 +192,23 @@ def prn(tiles, output, config_name, base, probs_dir, val_tiles, **options) -> No
     """
     overrides = {k: options.pop(k) for k in OVERRIDES}
     config = load_config(config_name, lr=options.pop("lr"), **overrides)
+    if folds is None:
+        sources = {"base": base, "probs_dir": probs_dir}
+        trainer = train_prn
+    elif base or probs_dir:
+        raise click.UsageError("--folds trains its own base models: drop --base and --probs")
+    else:
+        base_settings = load_config(base_config, road_width=config["road_width"])
+        sources = {"base_config": base_settings, "folds": folds}
+        trainer = train_prn_crossfit
     summary = _run(
-        train_prn,
+        trainer,
         "train prn",
         tiles,
         output,
         config,
-        base=base,
-        probs_dir=probs_dir,
         val_tiles=val_tiles or None,
+        **sources,
         **options,
     )
     click.echo(f"base model at 0.5 on the val tiles: road IoU {summary['base_val_road_iou']:.4f}")

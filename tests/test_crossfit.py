@@ -1,0 +1,110 @@
+"""Cross-fitting on real Massachusetts tiles: every tile's probabilities from the fold model
+that did not train on it, then PRN on all of them."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import rasterio
+from click.testing import CliRunner
+
+from geoprn.cli.main import cli
+from geoprn.crossfit import crossfit_probabilities, deal_folds, train_prn_crossfit
+from geoprn.data import discover_pairs, load_tiles
+from geoprn.errors import InputError
+from geoprn.inference import predict_array
+from geoprn.models.checkpoint import load_model
+from geoprn.train import load_config
+from tests.conftest import SHARED_DATA, crop_tiles
+from tests.test_train import SMALL, SOURCES
+from tests.test_train_prn import SMALL as SMALL_PRN
+
+MASS = SHARED_DATA / "massachusetts" / "train"
+pytestmark = pytest.mark.skipif(not MASS.is_dir(), reason="real data not found")
+
+
+@pytest.fixture(scope="module")
+def tiles(tmp_path_factory) -> Path:
+    return crop_tiles(MASS, SOURCES, tmp_path_factory.mktemp("tiles"))
+
+
+@pytest.fixture(scope="module")
+def base_config() -> dict:
+    return {**load_config("base_unet_mnv2"), **SMALL, "epochs": 1, "steps_per_epoch": 3}
+
+
+@pytest.fixture(scope="module")
+def crossfit(tiles, base_config, tmp_path_factory) -> Path:
+    workdir = tmp_path_factory.mktemp("folds")
+    crossfit_probabilities([tiles], base_config, 2, workdir, device="cpu")
+    return workdir
+
+
+def test_deal_folds_is_seeded_disjoint_and_complete(tiles):
+    pairs = discover_pairs([tiles])
+    folds = deal_folds(pairs, 2, seed=0)
+    names = [p.name for fold in folds for p in fold]
+    assert sorted(names) == sorted(SOURCES) and len(folds[0]) == len(folds[1]) == 2
+    assert deal_folds(list(reversed(pairs)), 2, seed=0) == folds
+    with pytest.raises(InputError, match="between 2 and the 4 tiles"):
+        deal_folds(pairs, 5, seed=0)
+
+
+def test_each_tile_is_predicted_by_the_model_that_left_it_out(crossfit, tiles):
+    manifest = json.loads((crossfit / "folds.json").read_text())
+    assert [f["fold"] for f in manifest] == [0, 1]
+    loaded = {t.name: t for t in load_tiles(discover_pairs([tiles]), [1, 2, 3], 255)}
+    for fold in manifest:
+        model = load_model(crossfit / fold["checkpoint"])
+        trained_on = model.geoprn_meta["trained_on"]
+        assert not set(fold["held_out"]) & set(trained_on["train_tiles"] + trained_on["val_tiles"])
+        other = load_model(crossfit / manifest[1 - fold["fold"]]["checkpoint"])
+        for name in fold["held_out"]:
+            with rasterio.open(crossfit / "probs" / name.replace(".png", ".tif")) as ds:
+                written = ds.read(1)
+            np.testing.assert_array_equal(written, predict_array(model, loaded[name].image))
+            assert not np.array_equal(written, predict_array(other, loaded[name].image))
+
+
+def test_done_folds_are_not_trained_again(crossfit, tiles, base_config):
+    stamps = {p: p.stat().st_mtime_ns for p in crossfit.glob("base_fold*.safetensors")}
+    crossfit_probabilities([tiles], base_config, 2, crossfit, device="cpu")
+    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
+
+
+def test_prn_on_crossfit_probabilities(tiles, base_config, tmp_path):
+    config = {
+        **load_config("prn_p64"),
+        **SMALL_PRN,
+        "epochs": 1,
+        "steps_per_epoch": 2,
+        "workers": 0,
+    }
+    out = tmp_path / "prn.safetensors"
+    summary = train_prn_crossfit(
+        [tiles], config, out, base_config, 2, device="cpu", val_fraction=0.25
+    )
+    assert summary["folds"] == 2 and (tmp_path / "prn.safetensors.folds" / "folds.json").is_file()
+    meta = load_model(out, "prn").geoprn_meta
+    assert meta["base"] == {"probs": str(tmp_path / "prn.safetensors.folds" / "probs")}
+
+
+def test_cli_folds_excludes_base(tiles, tmp_path):
+    result = CliRunner().invoke(
+        cli,
+        [
+            "train",
+            "prn",
+            str(tiles),
+            "-o",
+            str(tmp_path / "p.safetensors"),
+            "--folds",
+            "2",
+            "--base",
+            "x.safetensors",
+        ],
+    )
+    assert result.exit_code == 2 and "--folds trains its own base models" in result.output
