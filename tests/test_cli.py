@@ -199,3 +199,15 @@ def test_prn_trained_for_another_base_is_said_once(scene, models, tmp_path):
     args = ("refine", scene, "-o", tmp_path / "o2", "--base", models["base"], "--prn", prn)
     result = run(*args, "--device", "cpu")
     assert result.exit_code == 0 and "warning" not in result.stderr
+
+
+def test_without_prn_weights_the_base_runs_alone_and_says_so_once(
+    scene, models, tmp_path, monkeypatch
+):
+    import geoprn.pipeline
+
+    monkeypatch.setattr(geoprn.pipeline, "DEFAULT_PRN", tmp_path / "not_shipped.safetensors")
+    result = run("refine", scene, "-o", tmp_path / "o", "--base", models["base"], "--device", "cpu")
+    assert result.exit_code == 0
+    assert result.stderr.count("no PRN weights given or shipped: running the base model only") == 1
+    assert json.loads((tmp_path / "o" / "scene_run.json").read_text())["inputs"]["prn"] is None
