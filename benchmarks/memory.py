@@ -28,11 +28,11 @@ DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "massachusetts"
 TILE = 1500
 
 
-def build_mosaic(path: Path, tiles_per_side: int) -> Path:
+def build_mosaic(path: Path, tiles_per_side: int, data: Path = DATA) -> Path:
     """Write a tiles_per_side^2 mosaic of real tiles, one tile at a time (never whole)."""
     if path.exists():
         return path
-    sources = sorted(DATA.glob("*/images/*.png"))
+    sources = sorted(data.glob("*/images/*.png"))
     side = TILE * tiles_per_side
     profile = {
         "driver": "GTiff",
@@ -60,14 +60,18 @@ def build_mosaic(path: Path, tiles_per_side: int) -> Path:
 
 def child(scene: str, outdir: str, options: dict) -> None:
     """Run refine in this process and print its peak RSS (MiB) as JSON."""
+    import torch
+
     import geoprn
 
     started = time.perf_counter()
     record = geoprn.refine(scene, outdir, overwrite=True, **options)
+    gpu = torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else 0.0
     print(
         json.dumps(
             {
                 "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                "peak_gpu_mib": gpu,
                 "seconds": time.perf_counter() - started,
                 "windows": record.windows,
             }
@@ -85,6 +89,8 @@ def main() -> None:
     parser.add_argument("--no-prn", action="store_true")
     parser.add_argument("--block-size", type=int, default=2048)
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--data", type=Path, default=DATA, help="folder of */images/*.png tiles")
     parser.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -99,11 +105,12 @@ def main() -> None:
         "use_prn": not args.no_prn,
         "block_size": args.block_size,
         "device": args.device,
+        "batch_size": args.batch_size,
     }
     rows = []
     for scale in (int(s) for s in args.scales.split(",")):
         per_side = round(args.tiles * math.sqrt(scale))
-        scene = build_mosaic(workdir / f"mosaic_{per_side}x{per_side}.tif", per_side)
+        scene = build_mosaic(workdir / f"mosaic_{per_side}x{per_side}.tif", per_side, args.data)
         out = subprocess.run(
             [
                 sys.executable,
@@ -120,11 +127,15 @@ def main() -> None:
         result = json.loads(out.stdout.strip().splitlines()[-1])
         rows.append((scale, per_side * TILE, result))
 
-    print(f"{'scale':>5} {'scene px':>13} {'windows':>8} {'seconds':>8} {'peak RSS MiB':>13}")
+    print(
+        f"{'scale':>5} {'scene px':>13} {'windows':>8} {'seconds':>8} {'km2/h':>8} "
+        f"{'peak RSS MiB':>13} {'peak GPU MiB':>13}"
+    )
     for scale, side, r in rows:
+        km2_per_hour = side * side / 1e6 / r["seconds"] * 3600  # the mosaics are at 1 m/px
         print(
             f"{scale:>4}x {side:>6}x{side:<6} {r['windows']:>8} {r['seconds']:>8.1f} "
-            f"{r['peak_rss_mib']:>13.0f}"
+            f"{km2_per_hour:>8.0f} {r['peak_rss_mib']:>13.0f} {r['peak_gpu_mib']:>13.0f}"
         )
     first = rows[0][2]["peak_rss_mib"]
     for scale, _, r in rows[1:]:
