@@ -90,6 +90,7 @@ def main() -> None:
     parser.add_argument("--block-size", type=int, default=2048)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--threads", type=int, help="blocks in flight (default: refine's)")
     parser.add_argument("--data", type=Path, default=DATA, help="folder of */images/*.png tiles")
     parser.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -106,6 +107,7 @@ def main() -> None:
         "block_size": args.block_size,
         "device": args.device,
         "batch_size": args.batch_size,
+        "threads": args.threads,
     }
     rows = []
     for scale in (int(s) for s in args.scales.split(",")):

@@ -224,11 +224,19 @@ def connect(scheduler: str | None) -> Iterator[Client | None]:
         yield client
 
 
+def local_threads(device: str) -> int:
+    """Blocks in flight on the local scheduler: one on the CPU, where the model already uses
+    every core; three on a GPU, so one block's reading, blending and writing overlap with
+    another's forward passes (each thread holds one block, so memory stays bounded)."""
+    return 3 if resolve_device(device).type == "cuda" else 1
+
+
 def run_blocks(
     job: RefineJob,
     blocks: list[Block],
     client: Client | None,
     report: Callable[[BlockResult], None],
+    threads: int = 1,
 ) -> list[BlockResult]:
     """Run the block tasks on the local threaded scheduler or on a ``distributed`` cluster."""
     tasks = [
@@ -237,7 +245,7 @@ def run_blocks(
     ]
     if client is None:
         with _BlockProgress(report):
-            return list(dask.compute(*tasks, scheduler="threads", num_workers=1))
+            return list(dask.compute(*tasks, scheduler="threads", num_workers=threads))
 
     from distributed import as_completed
 
@@ -261,6 +269,7 @@ def refine(
     block_size: int = 2048,
     overlap: int = 64,
     scheduler: str | None = None,
+    threads: int | None = None,
     threshold: float = 0.5,
     overwrite: bool = False,
     zarr_format: int = 2,
@@ -282,6 +291,7 @@ def refine(
         block_size: pixels per block side, a multiple of 512; does not change the result.
         overlap: pixels shared by neighbouring 512 windows, blended linearly.
         scheduler: address of a ``distributed`` scheduler; the local one when None.
+        threads: blocks in flight on the local scheduler (default: :func:`local_threads`).
         threshold: probability above which a pixel is road in the mask.
         overwrite: replace outputs of a different command instead of refusing.
         zarr_format: 2 (read by GDAL 3.10 with its CRS) or 3.
@@ -326,7 +336,8 @@ def refine(
         if progress is not None:
             progress(0, len(todo), None)
 
-        results = run_blocks(job, todo, client, report)
+        threads = threads or local_threads(device)
+        results = run_blocks(job, todo, client, report, threads)
         computed = [r for r in results if r.status == "computed"]
         if not computed and not done_before and blocks:
             store.remove_outputs(job.paths)
@@ -342,7 +353,7 @@ def refine(
             **signature,
             "device": job.device,
             "batch_size": batch_size,
-            "scheduler": scheduler or "local threads",
+            "scheduler": scheduler or f"local, {threads} thread(s)",
         },
         blocks={
             "total": len(blocks),

@@ -89,6 +89,20 @@ def test_output_does_not_depend_on_block_size(reference, mass_scene, models, tmp
     assert cache.misses == 2 and cache.hits == 10  # each model loaded once, not per block
 
 
+def test_blocks_in_parallel_threads_give_the_same_outputs(reference, mass_scene, models, tmp_path):
+    record = refine(
+        mass_scene,
+        tmp_path,
+        base=models["base"],
+        prn=models["prn"],
+        block_size=512,
+        threads=3,
+        device="cpu",
+    )
+    assert record.blocks["computed"] == 6 and record.inputs["scheduler"] == "local, 3 thread(s)"
+    assert_same_outputs(reference, tmp_path)
+
+
 def test_distributed_run_equals_local_run(reference, mass_scene, models, tmp_path):
     from distributed import LocalCluster
 

@@ -64,6 +64,11 @@ def _bands(ctx: click.Context, param: click.Parameter, value: str | None) -> lis
     "--scheduler",
     help="Address of a Dask distributed scheduler, tcp://HOST:PORT (default: local threads).",
 )
+@click.option(
+    "--threads",
+    type=click.IntRange(min=1),
+    help="Blocks in flight on the local scheduler (default: 1 on the CPU, 3 on a GPU).",
+)
 @click.option("--threshold", default=0.5, show_default=True, help="Road probability cut-off.")
 @click.option(
     "--zarr-format",
@@ -94,6 +99,7 @@ def refine(
     block_size,
     overlap,
     scheduler,
+    threads,
     threshold,
     zarr_format,
     resample,
@@ -131,6 +137,7 @@ def refine(
             block_size=block_size,
             overlap=overlap,
             scheduler=scheduler,
+            threads=threads,
             threshold=threshold,
             overwrite=overwrite,
             zarr_format=int(zarr_format),
