@@ -658,16 +658,32 @@ def _read_probability_raster(folder: Path, tile: LabelledTile) -> np.ndarray:
     return np.nan_to_num(data / scale, nan=0.0)
 
 
-def prn_tile(tile: LabelledTile, probs: np.ndarray, patch_size: int) -> LabelledTile:
+def prn_tile(
+    tile: LabelledTile, probs: np.ndarray, patch_size: int, cache: str | Path | None = None
+) -> LabelledTile:
     """A PRN training tile: the base probabilities as image, with patch-optimal pseudo-labels.
 
     The tile is zero-padded (as nodata) to whole patches, so that crops whose origins are
-    multiples of ``patch_size`` see the same patch grid the pseudo-labels were made on.
+    multiples of ``patch_size`` see the same patch grid the pseudo-labels were made on. With
+    ``cache`` (the Zarr group of :func:`base_probabilities`), the pseudo-labels are kept there
+    and reused while the tile's labels and valid pixels are unchanged.
     """
     h, w = probs.shape
     pad = ((0, -h % patch_size), (0, -w % patch_size))
     probs, label, valid = np.pad(probs, pad), np.pad(tile.label, pad), np.pad(tile.valid, pad)
+    fingerprint = [int(label.sum()), int(valid.sum())]
+    key = f"pseudo_p{patch_size}/{tile.name}"
+    group = None
+    if cache is not None:
+        import zarr
+
+        group = zarr.open_group(str(cache), mode="a")
+        if key in group and group[key].attrs.get("labels") == fingerprint:
+            return LabelledTile(tile.name, probs[None], label, valid, group[key][...])
     pseudo, _ = patch_optimal_labels(probs, label, patch_size, valid)
+    if group is not None:
+        stored = group.create_array(key, data=pseudo.astype(np.uint8), overwrite=True)
+        stored.attrs["labels"] = fingerprint
     return LabelledTile(tile.name, probs[None], label, valid, pseudo)
 
 
@@ -726,7 +742,10 @@ def train_prn(
     )
     patch = int(config["arguments"]["patch_size"])
     n_train = len(train_pairs)
-    train_data = [prn_tile(t, p, patch) for t, p in zip(loaded[:n_train], probs, strict=False)]
+    cache = _cache_path(out_path)
+    train_data = [
+        prn_tile(t, p, patch, cache) for t, p in zip(loaded[:n_train], probs, strict=False)
+    ]
     val_truth, val_probs = loaded[n_train:], probs[n_train:]
     if sum(int(t.valid.sum()) for t in val_truth) == 0:
         raise InputError("the validation tiles hold no valid pixel (all nodata?)")

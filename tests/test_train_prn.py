@@ -101,6 +101,11 @@ def test_cache_holds_what_refine_computes(run, tiles):
     tile = load_tiles(discover_pairs([tiles]), [1, 2, 3], 255)[0]
     expected = predict_array(load_model(DEFAULT_BASE), tile.image)
     np.testing.assert_array_equal(cache[f"probs/{tile.name}"][...], expected)
+    # the training tiles' pseudo-labels are cached too, as patch_optimal_labels makes them
+    name = run["split"]["train"][0]
+    tile = next(t for t in load_tiles(discover_pairs([tiles]), [1, 2, 3], 255) if t.name == name)
+    pseudo, _ = patch_optimal_labels(cache[f"probs/{name}"][...], tile.label, 32, tile.valid)
+    np.testing.assert_array_equal(cache[f"pseudo_p32/{name}"][...], pseudo)
 
 
 def test_prn_tiles_carry_patch_aligned_pseudo_labels(tiles):
