@@ -18,6 +18,7 @@ import torch
 
 from geoprn.inference import resolve_device
 from geoprn.models.checkpoint import DEFAULT_BASE, DEFAULT_PRN, load_model
+from geoprn.models.predictor import fold_batchnorm
 
 TILE = 512
 
@@ -46,6 +47,9 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=2)
     parser.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32")
     parser.add_argument("--channels-last", action="store_true")
+    parser.add_argument(
+        "--fold-bn", action="store_true", help="fold batch norms into convolutions, as refine does"
+    )
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--gsd", type=float, default=0.5, help="metres per pixel for km²/h")
     args = parser.parse_args()
@@ -53,8 +57,11 @@ def main() -> None:
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.dtype)
     autocast = torch.autocast(device.type, dtype=dtype) if dtype else nullcontext()
     memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
-    base = load_model(args.base, "base", device).to(memory_format=memory_format)
-    prn = load_model(args.prn, "prn", device).to(memory_format=memory_format)
+    base, prn = load_model(args.base, "base", device), load_model(args.prn, "prn", device)
+    if args.fold_bn:
+        fold_batchnorm(base)
+        fold_batchnorm(prn)
+    base, prn = base.to(memory_format=memory_format), prn.to(memory_format=memory_format)
     bands = len(base.geoprn_meta["bands"])
     x = (torch.rand(args.batch_size, bands, TILE, TILE, device=device) * 255).to(
         memory_format=memory_format
@@ -68,7 +75,8 @@ def main() -> None:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     print(
         f"device {name} ({torch.get_num_threads()} threads), batch {args.batch_size}, "
-        f"{args.dtype}{', channels_last' if args.channels_last else ''}, "
+        f"{args.dtype}{', channels_last' if args.channels_last else ''}"
+        f"{', batch norms folded' if args.fold_bn else ''}, "
         f"median of {args.repeats}"
     )
     km2_per_tile = (TILE * args.gsd) ** 2 / 1e6

@@ -67,3 +67,30 @@ def test_a_pickle_is_never_executed(tmp_path):
     assert not target.exists()
     pickle.loads(ckpt.read_bytes())  # the payload is live: unpickling does create the file
     assert target.exists()
+
+
+def test_folding_batchnorm_keeps_the_shipped_models_outputs():
+    import rasterio
+    import torch
+    from torch import nn
+
+    from geoprn.models.checkpoint import DEFAULT_BASE, DEFAULT_PRN, load_model
+    from geoprn.models.predictor import fold_batchnorm
+    from tests.conftest import SAMPLE_SCENE
+
+    with rasterio.open(SAMPLE_SCENE) as scene:
+        image = torch.from_numpy(scene.read(window=((0, 512), (0, 512)))[None].astype("float32"))
+    base = load_model(DEFAULT_BASE)
+    with torch.inference_mode():
+        before = base(image)
+        norms = sum(isinstance(m, nn.BatchNorm2d) for m in base.modules())
+        assert fold_batchnorm(base) == norms > 0
+        assert not any(isinstance(m, nn.BatchNorm2d) for m in base.modules())
+        after = base(image)
+        torch.testing.assert_close(after, before, atol=1e-4, rtol=0)
+        prn = load_model(DEFAULT_PRN)
+        refined = prn(before[:, :, :256, :256].contiguous())
+        assert fold_batchnorm(prn) == 45
+        torch.testing.assert_close(
+            prn(before[:, :, :256, :256].contiguous()), refined, atol=1e-4, rtol=0
+        )

@@ -19,7 +19,7 @@ from safetensors.torch import save_file
 
 from geoprn.errors import CheckpointError
 from geoprn.models.base import build_base
-from geoprn.models.predictor import Predictor
+from geoprn.models.predictor import Predictor, fold_batchnorm
 
 FORMAT = "geoprn-checkpoint"
 FORMAT_VERSION = 1
@@ -132,10 +132,13 @@ def load_model(
 def load_cached(path: str, sha256: str, device: str) -> Predictor:
     """Load a checkpoint once per process (a Dask worker keeps its models across tasks).
 
-    ``sha256`` is part of the cache key so a file replaced on disk is loaded afresh. The
-    weights are laid out channels-last, the layout GPU convolutions run fastest in.
+    ``sha256`` is part of the cache key so a file replaced on disk is loaded afresh. Batch
+    norms are folded into their convolutions and the weights laid out channels-last, the
+    layout convolutions run fastest in (``benchmarks/model_speed.py``).
     """
-    return load_model(path, device=device).to(memory_format=torch.channels_last)
+    model = load_model(path, device=device)
+    fold_batchnorm(model)
+    return model.to(memory_format=torch.channels_last)
 
 
 def file_sha256(path: str | Path) -> str:
