@@ -38,7 +38,13 @@ from geoprn.inference import predict_array, resolve_device
 from geoprn.losses import base_loss, prn_loss
 from geoprn.metrics import Confusion, confusion
 from geoprn.models.base import build_base
-from geoprn.models.checkpoint import file_sha256, load_model, read_header, save_checkpoint
+from geoprn.models.checkpoint import (
+    file_sha256,
+    load_cached,
+    load_model,
+    read_header,
+    save_checkpoint,
+)
 from geoprn.models.predictor import Predictor
 from geoprn.models.prn import PatchRefineNet
 from geoprn.pseudo_labels import patch_optimal_labels
@@ -629,14 +635,16 @@ def base_probabilities(
     if group.attrs.get("source") != source:
         group = zarr.open_group(str(cache), mode="w")
         group.attrs["source"] = source
-    model = load_model(base, "base", device) if base is not None else None
+    if base is not None:
+        read_header(base, "base")
+        model = load_cached(str(Path(base).resolve()), source, str(device))  # as refine runs it
     out = []
     for tile in tiles:
         key = f"{PROBS_GROUP}/{tile.name}"
         if key in group:
             out.append(np.asarray(group[key][...]))
             continue
-        if model is not None:
+        if base is not None:
             probs = predict_array(model, tile.image, batch_size=batch_size, device=device)
         else:
             probs = _read_probability_raster(Path(probs_dir), tile)

@@ -18,7 +18,7 @@ from geoprn.data import RandomCrops, discover_pairs, load_tiles
 from geoprn.errors import InputError
 from geoprn.inference import predict_array
 from geoprn.losses import prn_loss
-from geoprn.models.checkpoint import DEFAULT_BASE, file_sha256, load_model
+from geoprn.models.checkpoint import DEFAULT_BASE, file_sha256, load_cached, load_model
 from geoprn.models.prn import PatchRefineNet
 from geoprn.pseudo_labels import patch_optimal_labels
 from geoprn.train import base_probabilities, load_config, prn_tile, train_prn
@@ -99,7 +99,8 @@ def test_cache_holds_what_refine_computes(run, tiles):
     cache = zarr.open_group(run["checkpoint"] + ".cache.zarr", mode="r")
     assert cache.attrs["source"] == file_sha256(DEFAULT_BASE)
     tile = load_tiles(discover_pairs([tiles]), [1, 2, 3], 255)[0]
-    expected = predict_array(load_model(DEFAULT_BASE), tile.image)
+    model = load_cached(str(DEFAULT_BASE.resolve()), file_sha256(DEFAULT_BASE), "cpu")
+    expected = predict_array(model, tile.image)  # the model as refine runs it
     np.testing.assert_array_equal(cache[f"probs/{tile.name}"][...], expected)
     # the training tiles' pseudo-labels are cached too, as patch_optimal_labels makes them
     name = run["split"]["train"][0]
