@@ -26,6 +26,12 @@ from geoprn.tiling import Range
 
 log = logging.getLogger(__name__)
 
+GDAL_CACHE_MB = 128
+"""GDAL's raster block cache. Its default, 5 % of RAM, fills as a scene is read and made peak
+memory grow with the scene (1.42x from 9 to 144 Mpx); capped, it stays flat (1.09x,
+``benchmarks/memory.py --scales 1,4,16``). A GDAL_CACHEMAX the user sets is kept."""
+os.environ.setdefault("GDAL_CACHEMAX", str(GDAL_CACHE_MB))
+
 MIN_SIDE = 16
 """Scenes narrower than this (in pixels) are refused: no road can be told apart in them."""
 
