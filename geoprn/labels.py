@@ -24,6 +24,7 @@ from skimage.draw import ellipse
 from skimage.morphology import dilation
 
 from geoprn.errors import InputError
+from geoprn.raster import pixel_size_m
 
 VECTOR_SUFFIXES = (".gpkg", ".geojson", ".json", ".shp", ".fgb")
 DEFAULT_ROAD_WIDTH = 4.0
@@ -40,21 +41,6 @@ def parse_width(text: str | float) -> float:
     if not match or float(match.group(1)) <= 0:
         raise InputError(f"a road width is a positive length in metres, like 4m, not {text!r}")
     return float(match.group(1))
-
-
-def pixel_size_m(crs: CRS | None, transform: Affine, height: int) -> tuple[float, float]:
-    """(y, x) pixel size in metres; degrees are converted at the grid's centre latitude."""
-    a, e = abs(transform.a), abs(transform.e)
-    if crs is None:
-        raise InputError("road vectors need a georeferenced image to be burnt onto")
-    if crs.is_projected:
-        unit = crs.linear_units_factor[1]
-        return e * unit, a * unit
-    latitude = np.radians(transform.f + transform.e * height / 2)
-    return (
-        e * (111_132.92 - 559.82 * np.cos(2 * latitude)),
-        a * (111_412.84 * np.cos(latitude) - 93.5 * np.cos(3 * latitude)),
-    )
 
 
 def rasterize_roads(
@@ -88,6 +74,8 @@ def rasterize_roads(
     lines = [g for g in geometries if g.geom_type in ("LineString", "MultiLineString")]
     if geometries and not lines:
         raise InputError(f"{path} holds {geometries[0].geom_type}s, not road centrelines")
+    if crs is None:
+        raise InputError("road vectors need a georeferenced image to be burnt onto")
     py, px = pixel_size_m(crs, transform, shape[0])
     burnt = np.zeros(shape, np.uint8)
     if lines:

@@ -55,20 +55,11 @@ class SceneInfo:
 
     @property
     def gsd(self) -> float | None:
-        """Ground sampling distance in metres per pixel (geometric mean of x and y), if known.
-
-        Projected CRSs use their linear unit; geographic ones convert degrees at the scene's
-        centre latitude (WGS 84 ellipsoid, good to a fraction of a percent at this scale).
-        """
-        a, e = abs(self.transform.a), abs(self.transform.e)
+        """Ground sampling distance in metres per pixel (geometric mean of y and x), if known."""
         if self.crs is None:
             return None
-        if self.crs.is_projected:
-            return float(np.sqrt(a * e)) * self.crs.linear_units_factor[1]
-        latitude = np.radians(self.transform.f + self.transform.e * self.height / 2)
-        metres_x = a * (111_412.84 * np.cos(latitude) - 93.5 * np.cos(3 * latitude))
-        metres_y = e * (111_132.92 - 559.82 * np.cos(2 * latitude))
-        return float(np.sqrt(metres_x * metres_y))
+        y, x = pixel_size_m(self.crs, self.transform, self.height)
+        return float(np.sqrt(y * x))
 
     @property
     def pixel_area_m2(self) -> float | None:
@@ -76,6 +67,23 @@ class SceneInfo:
         if self.crs is None or not self.crs.is_projected:
             return None
         return abs(self.transform.a * self.transform.e) * self.crs.linear_units_factor[1] ** 2
+
+
+def pixel_size_m(crs: Any, transform: Affine, height: int) -> tuple[float, float]:
+    """(y, x) size of a pixel in metres.
+
+    Projected CRSs use their linear unit; geographic ones convert degrees at the grid's centre
+    latitude (WGS 84 ellipsoid, good to a fraction of a percent at this scale).
+    """
+    a, e = abs(transform.a), abs(transform.e)
+    if crs.is_projected:
+        unit = crs.linear_units_factor[1]
+        return e * unit, a * unit
+    latitude = np.radians(transform.f + transform.e * height / 2)
+    return (
+        float(e * (111_132.92 - 559.82 * np.cos(2 * latitude))),
+        float(a * (111_412.84 * np.cos(latitude) - 93.5 * np.cos(3 * latitude))),
+    )
 
 
 def open_scene(path: str | Path) -> SceneInfo:

@@ -163,8 +163,8 @@ def road_confusion(
     window: int = 512,
     batch_size: int = 4,
     autocast=None,
-) -> tuple[int, int, int]:
-    """Pooled road TP, FP, FN of ``model`` at probability 0.5 over the valid pixels of ``tiles``.
+) -> Confusion:
+    """Pooled confusion of ``model`` at probability 0.5 over the valid pixels of ``tiles``.
 
     Each tile is reflect-padded to a multiple of ``window`` and predicted in non-overlapping
     windows.
@@ -172,7 +172,7 @@ def road_confusion(
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
-    tp = fp = fn = 0
+    total = Confusion()
     for tile in tiles:
         _, h, w = tile.image.shape
         ph, pw = -h % window, -w % window
@@ -189,19 +189,9 @@ def road_confusion(
             out = (logits.float() > 0).cpu().numpy()[:, 0]
             for (y, x0), o in zip(chunk, out, strict=True):
                 pred[y : y + window, x0 : x0 + window] = o
-        pred = pred[:h, :w][tile.valid]
-        truth = tile.label[tile.valid].astype(bool)
-        tp += int(np.count_nonzero(pred & truth))
-        fp += int(np.count_nonzero(pred & ~truth))
-        fn += int(np.count_nonzero(~pred & truth))
+        total += confusion(pred[:h, :w], tile.label > 0, tile.valid)
     model.train(was_training)
-    return tp, fp, fn
-
-
-def road_iou(tp: int, fp: int, fn: int) -> float:
-    """TP / (TP + FP + FN); 0 when there is neither road nor prediction."""
-    union = tp + fp + fn
-    return tp / union if union else 0.0
+    return total
 
 
 def state_path(out_path: str | Path) -> Path:
@@ -400,7 +390,7 @@ def train_base(
 
     def validate(model: Predictor, autocast) -> float:
         window, batch = int(config["tile_size"]), int(config["val_batch"])
-        return road_iou(*road_confusion(model, val_data, window, batch, autocast))
+        return road_confusion(model, val_data, window, batch, autocast).road_iou
 
     split, trained_on = _trained_on(train_pairs, val_pairs, seed, config)
     length = int(config["steps_per_epoch"]) * int(config["batch_size"])

@@ -26,7 +26,6 @@ from geoprn.train import (
     export_checkpoint,
     load_config,
     road_confusion,
-    road_iou,
     split_tiles,
     state_path,
     train_base,
@@ -140,7 +139,7 @@ def test_training_records_split_and_round_trips(run, tiles, config):
         [1, 2, 3],
         255,
     )
-    assert road_iou(*road_confusion(model, val)) == pytest.approx(
+    assert road_confusion(model, val).road_iou == pytest.approx(
         trained_on["best_val_road_iou"], abs=1e-6
     )
 
