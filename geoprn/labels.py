@@ -64,6 +64,15 @@ def rasterize_roads(
     Raises:
         InputError: unreadable file, no CRS on either side, or no line geometry.
     """
+    return burn_roads(read_roads(path, crs), shape, transform, crs, road_width)
+
+
+def read_roads(path: str | Path, crs: CRS | None) -> list[shapely.Geometry]:
+    """The (Multi)LineStrings of a vector file, 2-D, reprojected to ``crs``.
+
+    Raises:
+        InputError: unreadable file, no CRS on either side, or no line geometry.
+    """
     try:
         meta, _, wkb, _ = pyogrio.raw.read(path)
     except (pyogrio.errors.DataSourceError, pyogrio.errors.DataLayerError) as exc:
@@ -76,17 +85,35 @@ def rasterize_roads(
         raise InputError(f"{path} holds {geometries[0].geom_type}s, not road centrelines")
     if crs is None:
         raise InputError("road vectors need a georeferenced image to be burnt onto")
+    source = CRS.from_user_input(meta["crs"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return [
+            shapely.geometry.shape(
+                transform_geom(source, crs, shapely.geometry.mapping(shapely.force_2d(g)))
+            )
+            for g in lines
+        ]
+
+
+def burn_roads(
+    lines: list[shapely.Geometry],
+    shape: tuple[int, int],
+    transform: Affine,
+    crs: CRS,
+    road_width: float = DEFAULT_ROAD_WIDTH,
+) -> np.ndarray:
+    """Burn lines in the grid's CRS onto the grid (every pixel touched), ``road_width`` m wide.
+
+    Returns:
+        (H, W) uint8, 1 on roads.
+    """
     py, px = pixel_size_m(crs, transform, shape[0])
     burnt = np.zeros(shape, np.uint8)
     if lines:
-        source = CRS.from_user_input(meta["crs"])
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            shapes = [
-                (transform_geom(source, crs, shapely.geometry.mapping(shapely.force_2d(g))), 1)
-                for g in lines
-            ]
-        burnt = rasterize(shapes, out_shape=shape, transform=transform, all_touched=True)
+        burnt = rasterize(
+            [(g, 1) for g in lines], out_shape=shape, transform=transform, all_touched=True
+        )
     half = road_width / 2
     ry, rx = max(half / py - 0.5, 0.0), max(half / px - 0.5, 0.0)
     footprint = np.zeros((2 * int(ry) + 1, 2 * int(rx) + 1), bool)
