@@ -31,15 +31,17 @@ DEFAULT_ROAD_WIDTH = 4.0
 """Metres; the width of a two-lane road, and what ``--road-width`` defaults to."""
 
 
-def parse_width(text: str | float) -> float:
+def parse_metres(text: str | float, what: str = "a road width", allow_zero: bool = False) -> float:
     """``"4m"``, ``"4 m"`` or ``4`` -> 4.0 metres.
 
     Raises:
-        InputError: not a positive length in metres.
+        InputError: not a positive (or, with ``allow_zero``, zero) length in metres; ``what``
+            names the quantity in the message.
     """
     match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*(m)?\s*", str(text))
-    if not match or float(match.group(1)) <= 0:
-        raise InputError(f"a road width is a positive length in metres, like 4m, not {text!r}")
+    if not match or (float(match.group(1)) <= 0 and not (allow_zero and match.group(1))):
+        kind = "a length" if allow_zero else "a positive length"
+        raise InputError(f"{what} is {kind} in metres, like 4m, not {text!r}")
     return float(match.group(1))
 
 

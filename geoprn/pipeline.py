@@ -39,6 +39,7 @@ from geoprn.models.checkpoint import (
 from geoprn.quicklook import write_quicklook
 from geoprn.raster import SceneInfo, WorkGrid, open_scene, read_region, write_mask_cog
 from geoprn.tiling import Block, Range, block_grid, cover, window_origins
+from geoprn.vectorize import extract_roads, write_roads
 
 if TYPE_CHECKING:
     from distributed import Client
@@ -274,6 +275,9 @@ def refine(
     overwrite: bool = False,
     zarr_format: int = 2,
     resample: str = "auto",
+    vectors: bool = False,
+    simplify_m: float = 1.0,
+    min_length_m: float = 10.0,
     progress: Callable[[int, int, BlockResult | None], None] | None = None,
 ) -> RunRecord:
     """Segment roads over a whole scene and write Zarr probabilities and a COG mask.
@@ -298,6 +302,8 @@ def refine(
         resample: ``auto`` runs the models on the scene resampled to their training GSD when
             the two differ by more than 1.5x (probabilities come back to the scene grid
             bilinearly); ``off`` runs them on the scene's own pixels.
+        vectors: also write road centrelines of the mask (see :mod:`geoprn.vectorize`),
+            simplified with ``simplify_m`` and without spurs shorter than ``min_length_m``.
         progress: called as ``progress(done, total, result)`` after each block, and once
             with ``(0, total, None)`` before the first.
 
@@ -315,6 +321,8 @@ def refine(
         raise InputError(f"--block-size must be a positive multiple of {store.CHUNK}")
     if zarr_format not in (2, 3):
         raise InputError("--zarr-format must be 2 or 3")
+    if vectors and info.crs is None:
+        raise InputError(f"{info.path} has no CRS; road vectors need one (drop --vectors)")
     signature = _signature(job, block_size, threshold, zarr_format)
     with connect(scheduler) as client:  # before touching outputs: a dead address changes nothing
         resumed = store.prepare(job.paths, signature, overwrite)
@@ -348,6 +356,12 @@ def refine(
     write_mask_cog(mask_source, info, job.paths.mask, threshold)
     variables = {name: store.open_variable(job.paths, name) for name in job.variables}
     write_quicklook(info, job.bands, variables, job.paths.quicklook)
+    outputs = {"zarr": job.paths.zarr, "mask": job.paths.mask, "quicklook": job.paths.quicklook}
+    if vectors:
+        roads = extract_roads(
+            job.paths.zarr, threshold, job.variables[-1], simplify_m, min_length_m, block_size
+        )
+        outputs["roads"] = write_roads(roads, job.paths.roads, overwrite=True)
     record = RunRecord(
         inputs={
             **signature,
@@ -366,11 +380,7 @@ def refine(
             "blocks": round(blocks_seconds, 3),
             "total": round(time.perf_counter() - started, 3),
         },
-        outputs={
-            "zarr": str(job.paths.zarr),
-            "mask": str(job.paths.mask),
-            "quicklook": str(job.paths.quicklook),
-        },
+        outputs={name: str(path) for name, path in outputs.items()},
     )
     job.paths.run_json.write_text(json.dumps(asdict(record), indent=1))
     return record

@@ -4,6 +4,8 @@ Layout of ``OUTDIR`` for a scene ``<stem>``::
 
     <stem>.zarr/         variables base, refined (float32, NaN at nodata, 512 chunks)
     <stem>_mask.tif      COG mask, written when every block is done
+    <stem>_quicklook.png the scene beside its base and refined probabilities
+    <stem>_roads.gpkg    road centrelines (``refine --vectors``)
     <stem>_run.json      what ran, on what, how long
     .<stem>.geoprn/      run state: signature.json and done/<row>_<col> markers
 
@@ -54,6 +56,10 @@ class OutputPaths:
         return self.outdir / f"{self.stem}_quicklook.png"
 
     @property
+    def roads(self) -> Path:
+        return self.outdir / f"{self.stem}_roads.gpkg"
+
+    @property
     def run_json(self) -> Path:
         return self.outdir / f"{self.stem}_run.json"
 
@@ -66,9 +72,8 @@ class OutputPaths:
         return self.state / "done"
 
     def outputs(self) -> list[Path]:
-        """Every path this scene's run writes (roads and quicklooks of later stages included)."""
-        extra = [self.outdir / f"{self.stem}{suffix}" for suffix in ("_roads.gpkg",)]
-        return [self.zarr, self.mask, self.quicklook, self.run_json, self.state, *extra]
+        """Every path this scene's run writes."""
+        return [self.zarr, self.mask, self.quicklook, self.roads, self.run_json, self.state]
 
 
 def prepare(paths: OutputPaths, signature: dict[str, Any], overwrite: bool) -> bool:

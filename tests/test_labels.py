@@ -16,7 +16,7 @@ from pyproj import Transformer
 from geoprn.cli.main import cli
 from geoprn.data import discover_pairs, load_tile
 from geoprn.errors import InputError
-from geoprn.labels import parse_width, rasterize_roads
+from geoprn.labels import parse_metres, rasterize_roads
 from tests.conftest import SHARED_DATA
 
 SPACENET = SHARED_DATA / "spacenet"
@@ -38,14 +38,14 @@ def iou(a: np.ndarray, b: np.ndarray) -> float:
 
 
 @pytest.mark.parametrize(("text", "metres"), [("4m", 4.0), ("2.5 m", 2.5), ("6", 6.0)])
-def test_parse_width(text, metres):
-    assert parse_width(text) == metres
+def test_parse_metres(text, metres):
+    assert parse_metres(text) == metres
 
 
 @pytest.mark.parametrize("text", ["0m", "-3m", "4ft", "wide"])
-def test_parse_width_refuses(text):
+def test_parse_metres_refuses(text):
     with pytest.raises(InputError, match="positive length in metres"):
-        parse_width(text)
+        parse_metres(text)
 
 
 def test_matches_spacenets_own_mask_at_its_width():

@@ -45,8 +45,9 @@ def _register() -> None:
     from geoprn.cli.info import info
     from geoprn.cli.refine import refine
     from geoprn.cli.train import train
+    from geoprn.cli.vectorize import vectorize
 
-    for command in (refine, train, info):
+    for command in (refine, train, vectorize, info):
         cli.add_command(command)
 
 

@@ -7,6 +7,8 @@ from typing import TYPE_CHECKING
 import click
 from tqdm import tqdm
 
+from geoprn.cli.vectorize import vector_options
+
 if TYPE_CHECKING:
     from geoprn.pipeline import BlockResult
 
@@ -85,6 +87,10 @@ def _bands(ctx: click.Context, param: click.Parameter, value: str | None) -> lis
     help="auto: run the models at the ground resolution they were trained at when the "
     "scene's differs by more than 1.5x; off: on the scene's own pixels.",
 )
+@click.option(
+    "--vectors", is_flag=True, help="Also write road centrelines, OUTDIR/<stem>_roads.gpkg."
+)
+@vector_options
 @click.option("--overwrite", is_flag=True, help="Replace outputs of a different command.")
 def refine(
     scene,
@@ -103,9 +109,13 @@ def refine(
     threshold,
     zarr_format,
     resample,
+    vectors,
+    simplify,
+    min_length,
     overwrite,
 ) -> None:
-    """Segment roads in SCENE; write probabilities (Zarr) and a road mask (COG) to OUTDIR.
+    """Segment roads in SCENE; write probabilities (Zarr), a road mask (COG) and, with
+    --vectors, road centrelines (GeoPackage) to OUTDIR.
 
     Rerunning the same command after a crash computes only the blocks that are missing.
     """
@@ -142,6 +152,9 @@ def refine(
             overwrite=overwrite,
             zarr_format=int(zarr_format),
             resample=resample,
+            vectors=vectors,
+            simplify_m=simplify,
+            min_length_m=min_length,
             progress=progress,
         )
     finally:

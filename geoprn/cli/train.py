@@ -9,7 +9,7 @@ import click
 from tqdm import tqdm
 
 from geoprn.crossfit import train_prn_crossfit
-from geoprn.labels import parse_width
+from geoprn.labels import parse_metres
 from geoprn.train import load_config, train_base, train_prn
 
 
@@ -23,7 +23,7 @@ def _nodata(ctx: click.Context, param: click.Parameter, value: str | None):
 
 
 def _road_width(ctx: click.Context, param: click.Parameter, value: str | None) -> float | None:
-    return None if value is None else parse_width(value)
+    return None if value is None else parse_metres(value)
 
 
 def _common_options(default_config: str, default_val_fraction: float) -> Callable:
