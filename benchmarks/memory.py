@@ -28,17 +28,19 @@ DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "massachusetts"
 TILE = 1500
 
 
-def build_mosaic(path: Path, tiles_per_side: int, data: Path = DATA) -> Path:
-    """Write a tiles_per_side^2 mosaic of real tiles, one tile at a time (never whole)."""
+def build_mosaic(path: Path, tiles_per_side: int, data: Path = DATA, kind: str = "images") -> Path:
+    """Write a tiles_per_side^2 mosaic of real tiles (``images``, or their road ``masks``),
+    one tile at a time (never whole)."""
     if path.exists():
         return path
-    sources = sorted(data.glob("*/images/*.png"))
+    sources = sorted(data.glob(f"*/{kind}/*.png"))
+    bands = [1, 2, 3] if kind == "images" else [1]
     side = TILE * tiles_per_side
     profile = {
         "driver": "GTiff",
         "width": side,
         "height": side,
-        "count": 3,
+        "count": len(bands),
         "dtype": "uint8",
         "crs": "EPSG:26919",
         "transform": from_origin(300_000, 4_700_000, 1.0, 1.0),
@@ -51,7 +53,7 @@ def build_mosaic(path: Path, tiles_per_side: int, data: Path = DATA) -> Path:
     with rasterio.open(tmp, "w", **profile) as dst:
         for k in range(tiles_per_side**2):
             with rasterio.open(sources[k % len(sources)]) as src:
-                pixels = src.read([1, 2, 3])
+                pixels = src.read(bands)
             row, col = divmod(k, tiles_per_side)
             dst.write(pixels, window=Window(col * TILE, row * TILE, TILE, TILE))
     tmp.rename(path)
