@@ -42,12 +42,13 @@ def cli(verbose: bool) -> None:
 
 
 def _register() -> None:
+    from geoprn.cli.evaluate import evaluate
     from geoprn.cli.info import info
     from geoprn.cli.refine import refine
     from geoprn.cli.train import train
     from geoprn.cli.vectorize import vectorize
 
-    for command in (refine, train, vectorize, info):
+    for command in (refine, train, vectorize, evaluate, info):
         cli.add_command(command)
 
 
