@@ -37,6 +37,7 @@ from typing import Any
 import numpy as np
 import rasterio
 import shapely
+import shapely.affinity
 from affine import Affine
 from rasterio.errors import NotGeoreferencedWarning
 from rasterio.features import shapes
@@ -94,7 +95,7 @@ class Grid:
     def frame(self, row: int = 0, col: int = 0) -> Affine:
         """Pixel (x = column, y = row) of a region starting at (row, col) -> metres frame."""
         py, px = self.pixel_m
-        return Affine.scale(px, py) * Affine.translation(col, row)
+        return Affine.scale(px, py) @ Affine.translation(col, row)
 
     def same_as(self, other: Grid) -> bool:
         """Same size, CRS (when both have one) and transform (to a thousandth of a pixel)."""
@@ -230,16 +231,16 @@ class Labels:
     """Vector labels: a spatial index of ``lines_m``."""
 
     def read(self, rows: Range, cols: Range) -> tuple[np.ndarray, np.ndarray]:
-        """(road, valid) bool arrays over a region inside the grid."""
+        """(road, valid) bool arrays over a region inside the grid; no road at nodata."""
         shape = (rows[1] - rows[0], cols[1] - cols[0])
         if self.lines is None:
             with open_raster(self.path) as ds:
                 data, valid = read_region(ds, [1], rows, cols)
-            return data[0] != 0, valid
+            return (data[0] != 0) & valid, valid
         # Burn with a margin wider than half a road, so the widened lines are whole inside.
         py, px = self.grid.pixel_m
         m = math.ceil(self.road_width / min(py, px)) + 1
-        transform = self.grid.transform * Affine.translation(cols[0] - m, rows[0] - m)
+        transform = self.grid.transform @ Affine.translation(cols[0] - m, rows[0] - m)
         road = burn_roads(
             self.lines,
             (shape[0] + 2 * m, shape[1] + 2 * m),
@@ -262,8 +263,9 @@ def open_labels(path: str | Path, grid: Grid, road_width: float = DEFAULT_ROAD_W
         raise InputError(f"file not found: {path}")
     if path.suffix.lower() in VECTOR_SUFFIXES:
         lines = read_roads(path, grid.crs)
-        frame = grid.frame() * ~grid.transform
-        lines_m = [shapely.transform(g, lambda xy: np.column_stack(frame * xy.T)) for g in lines]
+        frame = grid.frame() @ ~grid.transform
+        matrix = [frame.a, frame.b, frame.d, frame.e, frame.c, frame.f]
+        lines_m = [shapely.affinity.affine_transform(g, matrix) for g in lines]
         return Labels(path, grid, road_width, lines, lines_m, shapely.STRtree(lines_m))
     info = open_scene(path)
     other = _grid(info)
@@ -436,7 +438,7 @@ def reference_lines(
     frame = grid.frame(rows[0], cols[0])
     h, w = rows[1] - rows[0], cols[1] - cols[0]
     if labels.lines_m is not None:
-        box = shapely.box(*(frame * (0, 0)), *(frame * (w, h)))
+        box = _box(frame, (0, h), (0, w))
         near = labels.tree.query(box) if labels.tree is not None else []
         clipped = [shapely.intersection(labels.lines_m[i], box) for i in sorted(near)]
         return [g for g in clipped if not g.is_empty and g.length > 0], np.ones((h, w), bool)
@@ -445,6 +447,12 @@ def reference_lines(
     truth, valid = labels.read(rows, cols)
     roads = roads_from_array(truth, transform=frame, pixel_size_m=grid.pixel_m)
     return list(roads.lines), valid
+
+
+def _box(frame: Affine, rows: Range, cols: Range) -> shapely.Polygon:
+    """Pixel rows x cols of a region whose frame is ``frame``, as a box in metres."""
+    x0, y0 = frame.c + frame.a * cols[0], frame.f + frame.e * rows[0]
+    return shapely.box(x0, y0, frame.c + frame.a * cols[1], frame.f + frame.e * rows[1])
 
 
 def _valid_region(valid: np.ndarray, frame: Affine) -> shapely.Geometry:
@@ -469,11 +477,11 @@ def _score_chip(
     frame = grid.frame(rows[0], cols[0])
     y0, x0 = chip.rows[0] - rows[0], chip.cols[0] - cols[0]
     y1, x1 = chip.rows[1] - rows[0], chip.cols[1] - cols[0]
-    region = shapely.box(*(frame * (x0, y0)), *(frame * (x1, y1)))
+    region = _box(frame, (y0, y1), (x0, x1))
     valid = (pred_valid & ref_valid)[y0:y1, x0:x1]
     if not valid.all():
         region = shapely.intersection(
-            region, _valid_region(valid, frame * Affine.translation(x0, y0))
+            region, _valid_region(valid, frame @ Affine.translation(x0, y0))
         )
     lengths = length_counts(ref, pred, settings.buffer_m, region)
     inside = [
