@@ -503,7 +503,7 @@ def results_table(evaluations: Sequence[Evaluation]) -> list[dict[str, Any]]:
 def format_table(records: Sequence[dict[str, Any]]) -> str:
     """The metrics as an aligned plain-text table, in percent."""
     header = ["prediction", "model", *(f"{HEADERS[m]} %" for m in METRICS)]
-    lines = [[r["prediction"], r["model"], *(_percent(r[m]) for m in METRICS)] for r in records]
+    lines = [[r["prediction"], r["model"], *(percent(r[m]) for m in METRICS)] for r in records]
     widths = [max(len(str(x)) for x in column) for column in zip(header, *lines, strict=True)]
 
     def fmt(cells: list[str]) -> str:
@@ -516,7 +516,8 @@ def format_table(records: Sequence[dict[str, Any]]) -> str:
     return "\n".join([fmt(header), rule, *(fmt(line) for line in lines)])
 
 
-def _percent(value: float) -> str:
+def percent(value: float) -> str:
+    """A fraction as a percentage with two decimals; n/a when undefined (NaN)."""
     return "n/a" if math.isnan(value) else f"{100 * value:.2f}"
 
 

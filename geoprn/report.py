@@ -25,6 +25,7 @@ from geoprn.evaluate import (
     Evaluation,
     Settings,
     open_raster,
+    percent,
     predicted_lines,
     reference_lines,
     results_table,
@@ -74,10 +75,6 @@ def _img(uri: str, caption: str) -> str:
     )
 
 
-def _percent(value: float) -> str:
-    return "n/a" if math.isnan(value) else f"{100 * value:.2f}"
-
-
 def _metrics_table(evaluations: Sequence[Evaluation]) -> str:
     """Every row's metrics in percent; a refined row's figures coloured by the change from
     base."""
@@ -91,7 +88,7 @@ def _metrics_table(evaluations: Sequence[Evaluation]) -> str:
                 value, css = record[m], ""
                 if base is not None and not (math.isnan(value) or math.isnan(base[m])):
                     css = "better" if value > base[m] else "worse" if value < base[m] else ""
-                cells.append(f'<td class="{css}">{_percent(value)}</td>')
+                cells.append(f'<td class="{css}">{percent(value)}</td>')
             out.append(
                 f'<tr><td class="l">{html.escape(record["prediction"])}</td>'
                 f'<td class="l">{html.escape(record["model"])}</td>{"".join(cells)}</tr>'
@@ -178,7 +175,7 @@ def _per_block(ev: Evaluation) -> str:
     for i in order:
         block = ev.blocks[i]
         conf = ev.block_confusion[last][i]
-        cells = "".join(f"<td>{_percent(ious[m][i])}</td>" for m in models)
+        cells = "".join(f"<td>{percent(ious[m][i])}</td>" for m in models)
         if len(models) > 1:
             diff = ious[last][i] - ious[models[0]][i]
             css = "" if math.isnan(diff) or diff == 0 else "better" if diff > 0 else "worse"
@@ -265,7 +262,7 @@ def block_panels(ev: Evaluation, index: int) -> list[tuple[str, np.ndarray]]:
         pred = np.nan_to_num(probs, nan=0.0) > ev.threshold
         valid = label_valid & ~np.isnan(probs)
         errors.append(
-            (f"{row.model} errors (IoU {_percent(_iou(conf))} %)", _errors(rgb, pred, truth, valid))
+            (f"{row.model} errors (IoU {percent(_iou(conf))} %)", _errors(rgb, pred, truth, valid))
         )
     last = ev.rows[-1].model
     reference, _ = reference_lines(ev.labels, block.rows, block.cols)
