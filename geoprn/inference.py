@@ -14,7 +14,14 @@ import torch
 
 from geoprn.errors import InputError
 from geoprn.raster import reflect_index
-from geoprn.tiling import Range, blend_weights, cover, touching, window_origins
+from geoprn.tiling import (
+    Range,
+    blend_weights,
+    cover,
+    touching,
+    weight_sums,
+    window_origins,
+)
 
 
 def resolve_device(device: str) -> torch.device:
@@ -62,14 +69,10 @@ def predict_region(
     """
     (sy0, _), (sx0, _) = source_region
     (oy0, oy1), (ox0, ox1) = out_region
-    windows = [
-        (y, x)
-        for y in touching(origins[0], out_region[0], tile)
-        for x in touching(origins[1], out_region[1], tile)
-    ]
+    rows, cols = (touching(o, span, tile) for o, span in zip(origins, out_region, strict=True))
+    windows = [(int(y), int(x)) for y in rows for x in cols]
     weights = blend_weights(tile, overlap)
     total = np.zeros((oy1 - oy0, ox1 - ox0), np.float32)
-    weight_sum = np.zeros_like(total)
     for start in range(0, len(windows), batch_size):
         batch = windows[start : start + batch_size]
         tiles = np.stack(
@@ -84,8 +87,9 @@ def predict_region(
             inside = np.s_[ya - y : yb - y, xa - x : xb - x]
             out = np.s_[ya - oy0 : yb - oy0, xa - ox0 : xb - ox0]
             total[out] += prob[inside] * weights[inside]
-            weight_sum[out] += weights[inside]
-    return total / weight_sum, len(windows)
+    total /= weight_sums(rows, out_region[0], tile, overlap)[:, None]
+    total /= weight_sums(cols, out_region[1], tile, overlap)[None, :]
+    return total, len(windows)
 
 
 def predict_array(

@@ -38,7 +38,7 @@ from geoprn.models.checkpoint import (
 )
 from geoprn.quicklook import write_quicklook
 from geoprn.raster import SceneInfo, WorkGrid, open_scene, read_region, write_mask_cog
-from geoprn.tiling import Block, Range, block_grid, cover, window_origins
+from geoprn.tiling import Block, Range, block_grid, stage_regions, window_origins
 from geoprn.vectorize import extract_roads, write_roads
 
 if TYPE_CHECKING:
@@ -129,12 +129,7 @@ def predict_stages(job: RefineJob, rows: Range, cols: Range) -> tuple[dict[str, 
         window_origins(grid.height, job.tile, job.overlap),
         window_origins(grid.width, job.tile, job.overlap),
     )
-    regions = [(rows, cols)]
-    for _ in job.stages:
-        need_rows, need_cols = regions[0]
-        regions.insert(
-            0, (cover(origins[0], need_rows, job.tile), cover(origins[1], need_cols, job.tile))
-        )
+    regions = stage_regions(origins, rows, cols, job.tile, len(job.stages))
     with grid.open(job.scene.path) as ds:
         if job.probs is None:
             source, valid = read_region(ds, job.bands, *regions[0])
@@ -192,8 +187,9 @@ def process_block(job: RefineJob, block: Block) -> BlockResult:
         probs = {name: grid.to_scene(v, block.rows, block.cols) for name, v in work.items()}
     else:
         probs, windows = predict_stages(job, block.rows, block.cols)
-    masked = {name: np.where(valid, v, np.nan).astype(np.float32) for name, v in probs.items()}
-    store.write_block(job.paths, block, masked)
+    for values in probs.values():
+        values[~valid] = np.nan
+    store.write_block(job.paths, block, probs)
     return BlockResult(block.key, "computed", windows, time.perf_counter() - started)
 
 

@@ -175,7 +175,8 @@ def read_region(
     ix = reflect_index(np.arange(*cols), ds.width)
     y0, x0 = int(iy.min()), int(ix.min())
     window = Window(x0, y0, int(ix.max()) + 1 - x0, int(iy.max()) + 1 - y0)
-    grid = np.ix_(iy - y0, ix - x0)
+    inside = rows[0] >= 0 and cols[0] >= 0 and rows[1] <= ds.height and cols[1] <= ds.width
+    grid = (slice(None), slice(None)) if inside else np.ix_(iy - y0, ix - x0)  # no copy inside
     try:
         valid = (ds.dataset_mask(window=window) > 0)[grid]
         data = None if bands is None else ds.read(bands, window=window)[(slice(None), *grid)]

@@ -31,6 +31,13 @@ def window_origins(length: int, tile: int, overlap: int) -> np.ndarray:
     return start + stride * np.arange(count)
 
 
+def _ramp(tile: int, overlap: int) -> np.ndarray:
+    """(tile,) float64 weights along one axis: 1 in the core, a linear ramp across each
+    overlap that never reaches 0."""
+    i = np.arange(tile, dtype=np.float64) + 0.5
+    return np.minimum(1.0, np.minimum(i, tile - i) / overlap)
+
+
 @lru_cache(maxsize=4)
 def blend_weights(tile: int, overlap: int) -> np.ndarray:
     """(tile, tile) float32 weights: 1 in the core, a linear ramp across each overlap.
@@ -40,11 +47,24 @@ def blend_weights(tile: int, overlap: int) -> np.ndarray:
     """
     if overlap == 0:
         return np.ones((tile, tile), np.float32)
-    i = np.arange(tile, dtype=np.float64) + 0.5
-    ramp = np.minimum(1.0, np.minimum(i, tile - i) / overlap)
+    ramp = _ramp(tile, overlap)
     weights = np.outer(ramp, ramp).astype(np.float32)
     weights.flags.writeable = False
     return weights
+
+
+def weight_sums(origins: np.ndarray, span: Range, tile: int, overlap: int) -> np.ndarray:
+    """(len(span),) float32: the summed ramps of the windows at ``origins`` over ``span``.
+
+    A grid of windows' :func:`blend_weights` sum to the outer product of the row and column
+    sums, so blending needs two vectors instead of a weight plane accumulated window by window.
+    """
+    ramp = _ramp(tile, overlap).astype(np.float32) if overlap else np.ones(tile, np.float32)
+    sums = np.zeros(span[1] - span[0], np.float32)
+    for o in origins:
+        a, b = max(int(o), span[0]), min(int(o) + tile, span[1])
+        sums[a - span[0] : b - span[0]] += ramp[a - o : b - o]
+    return sums
 
 
 def touching(origins: np.ndarray, span: Range, tile: int) -> np.ndarray:
@@ -56,6 +76,25 @@ def cover(origins: np.ndarray, span: Range, tile: int) -> Range:
     """The range covered by all windows that touch ``span``."""
     hits = touching(origins, span, tile)
     return int(hits[0]), int(hits[-1]) + tile
+
+
+def stage_regions(
+    origins: tuple[np.ndarray, np.ndarray], rows: Range, cols: Range, tile: int, stages: int
+) -> list[tuple[Range, Range]]:
+    """The (rows, cols) regions a chain of ``stages`` windowed models reads and fills.
+
+    Each stage runs the windows touching the region the next stage needs (its halo), so the
+    last stage's values over ``rows`` x ``cols`` are those of the scene-wide blend.
+
+    Returns:
+        ``stages + 1`` regions, outermost first: the first stage's input, then each stage's
+        output, the last being ``(rows, cols)``.
+    """
+    regions = [(rows, cols)]
+    for _ in range(stages):
+        need_rows, need_cols = regions[0]
+        regions.insert(0, (cover(origins[0], need_rows, tile), cover(origins[1], need_cols, tile)))
+    return regions
 
 
 @dataclass(frozen=True)
@@ -79,3 +118,14 @@ def block_grid(height: int, width: int, block_size: int) -> list[Block]:
         for r, y in enumerate(range(0, height, block_size))
         for c, x in enumerate(range(0, width, block_size))
     ]
+
+
+def windows_run(
+    origins: tuple[np.ndarray, np.ndarray], blocks: list[Block], tile: int, stages: int
+) -> int:
+    """How many windows the blocks run in all (every stage, halos recomputed included)."""
+    return sum(
+        len(touching(origins[0], r, tile)) * len(touching(origins[1], c, tile))
+        for block in blocks
+        for r, c in stage_regions(origins, block.rows, block.cols, tile, stages)[1:]
+    )

@@ -3,7 +3,16 @@
 import numpy as np
 import pytest
 
-from geoprn.tiling import blend_weights, block_grid, cover, touching, window_origins
+from geoprn.tiling import (
+    blend_weights,
+    block_grid,
+    cover,
+    stage_regions,
+    touching,
+    weight_sums,
+    window_origins,
+    windows_run,
+)
 
 
 @pytest.mark.parametrize("length", [16, 300, 447, 511, 512, 513, 700, 1024, 1500, 20_001])
@@ -50,3 +59,39 @@ def test_blocks_tile_the_scene_exactly_once(shape):
         count[slice(*b.rows), slice(*b.cols)] += 1
     assert np.all(count == 1)
     assert len({b.key for b in blocks}) == len(blocks)
+
+
+@pytest.mark.parametrize("overlap", [0, 64, 128])
+def test_weight_sums_are_the_accumulated_blend_weights(overlap):
+    tile, rows, cols = 512, (-(overlap // 2), 1100), (300, 1500 + overlap // 2)
+    origins = window_origins(1500, tile, overlap)
+    ys, xs = touching(origins, rows, tile), touching(origins, cols, tile)
+    plane = np.zeros((rows[1] - rows[0], cols[1] - cols[0]), np.float64)
+    for y in ys:
+        for x in xs:
+            a, b, c, d = (
+                max(y, rows[0]),
+                min(y + tile, rows[1]),
+                max(x, cols[0]),
+                min(x + tile, cols[1]),
+            )
+            plane[a - rows[0] : b - rows[0], c - cols[0] : d - cols[0]] += blend_weights(
+                tile, overlap
+            )[a - y : b - y, c - x : d - x]
+    outer = np.outer(weight_sums(ys, rows, tile, overlap), weight_sums(xs, cols, tile, overlap))
+    np.testing.assert_allclose(outer, plane, rtol=1e-6)
+    assert outer.min() > 0
+
+
+def test_stage_regions_grow_by_a_halo_per_stage_and_windows_run_counts_them():
+    origins = (window_origins(3000, 512, 64),) * 2
+    regions = stage_regions(origins, (1024, 2048), (0, 1024), 512, 2)
+    assert regions[-1] == ((1024, 2048), (0, 1024))
+    for (outer_rows, outer_cols), (inner_rows, inner_cols) in zip(
+        regions, regions[1:], strict=False
+    ):
+        assert outer_rows == cover(origins[0], inner_rows, 512)
+        assert outer_cols == cover(origins[1], inner_cols, 512)
+    # one block covering the scene runs every window of the grid once per stage
+    assert windows_run(origins, block_grid(3000, 3000, 4096), 512, 2) == 2 * len(origins[0]) ** 2
+    assert windows_run(origins, block_grid(3000, 3000, 1024), 512, 2) > 2 * len(origins[0]) ** 2

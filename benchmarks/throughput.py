@@ -1,0 +1,288 @@
+"""Throughput of ``geoprn.refine`` beside the models' own limit, a hand-written loop and TorchGeo.
+
+Same scene, same weights (loaded once, as ``refine`` loads them: batch norms folded,
+channels-last), same device and batch size for every run:
+
+(a) the limit: the forward passes alone (base, then PRN) over the windows that cover the scene
+    once at ``refine``'s overlap, inputs already in memory as tensors, no I/O;
+(b) ``geoprn.refine`` end to end: reads, blending, halos, Zarr, COG mask, quicklook;
+(c) the loop a user writes by hand: rasterio windows of 512 one by one, no overlap, batch 1,
+    probabilities written to a GeoTIFF;
+(d) TorchGeo's GridGeoSampler + DataLoader, no overlap, the same GeoTIFF written, when
+    ``torchgeo`` is importable (an optional dependency of this benchmark only).
+
+Each prints seconds, scene tiles/s (the scene's area in 512 x 512 tiles over the seconds, so
+rates compare whatever each run computes), km²/h at the scene's resolution, and the ratios of
+seconds (a)/(b), (c)/(b), (d)/(b); then the recompute factor, windows ``refine`` runs over the
+windows that cover the scene once (per stage), for this scene and for larger ones.
+
+The default scene is a 2 x 2 mosaic of Massachusetts test tiles (3000 x 3000 px at 1 m on a
+UTM 19N grid, built by ``memory.py``); with PRN on 2 CPU cores the run takes about 12 minutes.
+
+    python benchmarks/throughput.py                       # base + PRN, CPU
+    python benchmarks/throughput.py SCENE.tif --no-prn --batch-size 8 --skip d
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import shutil
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import rasterio
+import torch
+from rasterio.windows import Window, from_bounds
+
+sys.path.insert(0, str(Path(__file__).parent))
+from memory import build_mosaic  # noqa: E402
+
+import geoprn  # noqa: E402
+from geoprn.inference import fast_math, resolve_device  # noqa: E402
+from geoprn.models.checkpoint import (  # noqa: E402
+    DEFAULT_BASE,
+    DEFAULT_PRN,
+    file_sha256,
+    load_cached,
+    read_header,
+)
+from geoprn.raster import SceneInfo, open_scene, read_region  # noqa: E402
+from geoprn.tiling import block_grid, window_origins, windows_run  # noqa: E402
+
+TILE = 512
+Predict = Callable[[torch.Tensor], torch.Tensor]
+
+
+def load_predict(base: Path, prn: Path | None, device: torch.device) -> Predict:
+    """Base model then PRN, as ``refine`` loads and runs them; (N, C, H, W) in, probs out."""
+    models = [load_cached(str(p), file_sha256(p), str(device)) for p in (base, prn) if p]
+
+    def predict(x: torch.Tensor) -> torch.Tensor:
+        with torch.inference_mode(), fast_math(device):
+            x = x.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+            for model in models:
+                x = model(x)
+            return x[:, 0].float().cpu()
+
+    return predict
+
+
+def run_limit(
+    info: SceneInfo, bands: list[int], predict: Predict, windows: int, batch_size: int
+) -> float:
+    """(a): seconds of the forward passes over ``windows`` windows in batches, after a
+    warm-up; the inputs are real scene pixels, read once and kept in memory."""
+    with rasterio.open(info.path) as ds:
+        pixels, _ = read_region(ds, bands, (0, TILE), (0, TILE * batch_size))
+    x = torch.from_numpy(
+        np.stack(np.split(pixels.astype(np.float32), batch_size, axis=-1))
+    )  # (batch, C, 512, 512): the scene's first row of windows
+    sizes = [min(batch_size, windows - s) for s in range(0, windows, batch_size)]
+    predict(x[: sizes[-1]])
+    started = time.perf_counter()
+    for size in sizes:
+        predict(x[:size])
+    return time.perf_counter() - started
+
+
+def write_tile(dst: rasterio.io.DatasetWriter, probs: np.ndarray, row: int, col: int) -> None:
+    """Write a (512, 512) prediction whose top-left is scene pixel (row, col), clipped."""
+    y0, x0 = max(row, 0), max(col, 0)
+    y1, x1 = min(row + TILE, dst.height), min(col + TILE, dst.width)
+    if y1 > y0 and x1 > x0:
+        dst.write(
+            probs[y0 - row : y1 - row, x0 - col : x1 - col],
+            1,
+            window=Window(x0, y0, x1 - x0, y1 - y0),
+        )
+
+
+def probability_profile(info: SceneInfo) -> dict:
+    """A tiled float32 GeoTIFF on the scene's grid, what a user's loop writes."""
+    return {
+        "driver": "GTiff",
+        "width": info.width,
+        "height": info.height,
+        "count": 1,
+        "dtype": "float32",
+        "crs": info.crs,
+        "transform": info.transform,
+        "tiled": True,
+        "blockxsize": TILE,
+        "blockysize": TILE,
+        "compress": "deflate",
+    }
+
+
+def run_naive(info: SceneInfo, bands: list[int], predict: Predict, out: Path) -> tuple[float, int]:
+    """(c): rasterio windows one by one, no overlap, batch 1 (edge windows zero-filled)."""
+    started = time.perf_counter()
+    count = 0
+    with (
+        rasterio.open(info.path) as src,
+        rasterio.open(out, "w", **probability_profile(info)) as dst,
+    ):
+        for row in range(0, info.height, TILE):
+            for col in range(0, info.width, TILE):
+                window = Window(col, row, TILE, TILE)
+                pixels = src.read(bands, window=window, boundless=True, fill_value=0)
+                probs = predict(torch.from_numpy(pixels[None].astype(np.float32)))
+                write_tile(dst, probs[0].numpy(), row, col)
+                count += 1
+    return time.perf_counter() - started, count
+
+
+def run_torchgeo(
+    info: SceneInfo, bands: list[int], predict: Predict, out: Path, batch_size: int, workers: int
+) -> tuple[float, int]:
+    """(d): TorchGeo GridGeoSampler (512 px, stride 512) + DataLoader, the GeoTIFF written
+    from each sample's bounds. Raises ImportError without torchgeo."""
+    from torch.utils.data import DataLoader
+    from torchgeo.datasets import RasterDataset, stack_samples
+    from torchgeo.samplers import GridGeoSampler
+
+    class Scene(RasterDataset):
+        filename_glob = Path(info.path).name
+
+    started = time.perf_counter()
+    dataset = Scene(paths=[info.path])
+    sampler = GridGeoSampler(dataset, size=TILE, stride=TILE)
+    loader = DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=sampler,
+        collate_fn=stack_samples,
+        num_workers=workers,
+    )
+    count = 0
+    with rasterio.open(out, "w", **probability_profile(info)) as dst:
+        for batch in loader:
+            probs = predict(batch["image"][:, [b - 1 for b in bands]]).numpy()
+            for (xs, ys, _), p in zip(batch["bounds"], probs, strict=True):
+                window = from_bounds(xs.start, ys.start, xs.stop, ys.stop, info.transform)
+                write_tile(dst, p, round(window.row_off), round(window.col_off))
+            count += len(probs)
+    return time.perf_counter() - started, count
+
+
+def recompute_factor(side: int, tile: int, overlap: int, block_size: int, stages: int) -> float:
+    """Windows ``refine`` runs on a ``side`` x ``side`` scene over those covering it once."""
+    origins = (window_origins(side, tile, overlap),) * 2
+    once = len(origins[0]) ** 2 * stages
+    return windows_run(origins, block_grid(side, side, block_size), tile, stages) / once
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("scene", nargs="?", help="GeoTIFF (default: a mosaic of test tiles)")
+    parser.add_argument("--tiles", type=int, default=2, help="tiles per side of that mosaic")
+    parser.add_argument("--no-prn", action="store_true", help="base model only")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--block-size", type=int, help="refine's (default: refine's default)")
+    parser.add_argument("--overlap", type=int, default=64)
+    parser.add_argument("--threads", type=int, help="refine's blocks in flight")
+    parser.add_argument("--workers", type=int, default=0, help="TorchGeo DataLoader workers")
+    parser.add_argument("--skip", default="", help="runs to leave out, e.g. c,d")
+    parser.add_argument("--workdir", default="/tmp/geoprn-bench")
+    args = parser.parse_args()
+
+    workdir = Path(args.workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    mosaic = workdir / f"mosaic_{args.tiles}x{args.tiles}.tif"
+    scene = Path(args.scene) if args.scene else build_mosaic(mosaic, args.tiles)
+    info = open_scene(scene)
+    device = resolve_device(args.device)
+    prn = None if args.no_prn else DEFAULT_PRN
+    bands = read_header(DEFAULT_BASE, "base")["bands"]
+    stages = 1 if prn is None else 2
+    predict = load_predict(DEFAULT_BASE, prn, device)
+
+    grid = len(window_origins(info.height, TILE, args.overlap)) * len(
+        window_origins(info.width, TILE, args.overlap)
+    )
+    scene_tiles = info.height * info.width / TILE**2
+    km2 = info.height * info.width * (info.gsd or math.nan) ** 2 / 1e6
+    runs: dict[str, tuple[float, int]] = {}
+    runs["(a) limit: forward passes"] = (
+        run_limit(info, bands, predict, grid, args.batch_size),
+        grid * stages,
+    )
+    started = time.perf_counter()
+    record = geoprn.refine(
+        scene,
+        workdir / "refine",
+        use_prn=prn is not None,
+        device=args.device,
+        batch_size=args.batch_size,
+        overlap=args.overlap,
+        threads=args.threads,
+        overwrite=True,
+        resample="off",  # every run sees the scene's own pixels
+        **({"block_size": args.block_size} if args.block_size else {}),
+    )
+    block_size = record.inputs["block_size"]
+    runs["(b) geoprn.refine"] = (time.perf_counter() - started, record.windows)
+    if "c" not in args.skip:
+        seconds, count = run_naive(info, bands, predict, workdir / "naive.tif")
+        runs["(c) rasterio loop, batch 1"] = (seconds, count * stages)
+    skipped = None
+    if "d" not in args.skip:
+        try:
+            seconds, count = run_torchgeo(
+                info, bands, predict, workdir / "torchgeo.tif", args.batch_size, args.workers
+            )
+            runs["(d) TorchGeo GridGeoSampler"] = (seconds, count * stages)
+        except ImportError as exc:
+            skipped = f"(d) skipped: torchgeo is not importable ({exc})"
+
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    print(
+        f"scene {scene.name} {info.width}x{info.height} px at {info.gsd:.2f} m ({km2:.2f} km², "
+        f"{scene_tiles:.1f} tiles of 512²); {'base + PRN' if prn else 'base only'}; device "
+        f"{name}, {torch.get_num_threads()} torch threads; batch {args.batch_size}; overlap "
+        f"{args.overlap}; block size {block_size}"
+    )
+    print(
+        "\n| run | windows | seconds | scene tiles/s | km²/h | (a)/(run) |\n"
+        "|---|---|---|---|---|---|"
+    )
+    limit = runs["(a) limit: forward passes"][0]
+    for label, (seconds, windows) in runs.items():
+        print(
+            f"| {label} | {windows} | {seconds:.1f} | {scene_tiles / seconds:.3f} | "
+            f"{km2 / seconds * 3600:,.1f} | {limit / seconds:.3f} |"
+        )
+    refine_seconds = runs["(b) geoprn.refine"][0]
+    print()
+    for label, (seconds, _) in runs.items():
+        if not label.startswith("(b)"):
+            print(f"{label[:3]}/(b) = {seconds / refine_seconds:.3f}")
+    if skipped:
+        print(skipped)
+    print(
+        f"refine: blocks {record.seconds['blocks']:.1f} s, COG mask + quicklook "
+        f"{record.seconds['total'] - record.seconds['blocks']:.1f} s"
+    )
+    factors = [
+        f"{side}² {recompute_factor(side, TILE, args.overlap, block_size, stages):.3f}"
+        for side in (20_000, 100_000)
+    ]
+    print(
+        f"recompute factor (windows run / windows covering the scene once, {stages} stage(s)) "
+        f"at overlap {args.overlap}, block size {block_size}: this scene "
+        f"{record.windows / (grid * stages):.3f}; square scenes of {', '.join(factors)}"
+    )
+    print(
+        f"overlap factor (windows covering the scene once / 512² tiles without overlap): "
+        f"{grid / (math.ceil(info.height / TILE) * math.ceil(info.width / TILE)):.3f}"
+    )
+    shutil.rmtree(workdir / "refine", ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
