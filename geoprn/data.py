@@ -344,3 +344,46 @@ class RandomCrops(Dataset):
             crops = augment(crops, rng)
         image, *maps = (torch.from_numpy(a.astype(np.float32)) for a in crops)
         return (image, *(m[None] for m in maps))
+
+
+class BoundaryPatches(Dataset):
+    """Boundary boxes of labelled tiles for BPR training, with joint flips and rotations.
+
+    ``boxes[i]`` holds the (K, 5) boxes ``(n, y0, x0, y1, x1)`` placed along the boundary of
+    ``probs[i] > 0.5`` (:func:`geoprn.models.bpr.boundary_boxes`). Item ``i`` of epoch ``e`` is
+    a box drawn with a generator seeded with ``(seed, e, i)``: ``(patch, label, valid)``, of
+    shapes (C + 1, s, s) (the raw image bands and the predicted mask), (1, s, s), (1, s, s).
+    """
+
+    def __init__(
+        self,
+        tiles: Sequence[LabelledTile],
+        probs: Sequence[np.ndarray],
+        boxes: Sequence[np.ndarray],
+        length: int,
+        seed: int = 0,
+    ):
+        self.tiles, self.probs = list(tiles), list(probs)
+        self.index = np.array(
+            [(t, *box[1:]) for t, tile_boxes in enumerate(boxes) for box in tile_boxes], np.int64
+        ).reshape(-1, 5)
+        if len(self.index) == 0:
+            raise InputError("the predictions on the training tiles have no road boundary")
+        self.length, self.seed, self.epoch = int(length), int(seed), 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the boxes of ``epoch``."""
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, index: int):
+        rng = np.random.default_rng([self.seed, self.epoch, int(index)])
+        t, y0, x0, y1, x1 = self.index[int(rng.integers(len(self.index)))]
+        tile, window = self.tiles[t], np.s_[..., y0:y1, x0:x1]
+        mask = (self.probs[t][window] > 0.5)[None]
+        patch = np.concatenate([tile.image[window].astype(np.float32), mask])
+        crops = augment([patch, tile.label[window], tile.valid[window]], rng)
+        patch, *maps = (torch.from_numpy(a.astype(np.float32)) for a in crops)
+        return (patch, *(m[None] for m in maps))

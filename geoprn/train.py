@@ -26,6 +26,7 @@ import yaml
 from geoprn.curves import plot_history
 from geoprn.data import (
     IMAGE_SUFFIXES,
+    BoundaryPatches,
     LabelledTile,
     RandomCrops,
     TilePair,
@@ -35,9 +36,10 @@ from geoprn.data import (
 )
 from geoprn.errors import CheckpointError, InputError, OutputError
 from geoprn.inference import predict_array, resolve_device
-from geoprn.losses import base_loss, prn_loss
+from geoprn.losses import base_loss, masked_bce, prn_loss
 from geoprn.metrics import Confusion, confusion
 from geoprn.models.base import build_base
+from geoprn.models.bpr import BoundaryRefiner, boundary_boxes, boundary_map, upsample
 from geoprn.models.checkpoint import (
     file_sha256,
     load_cached,
@@ -118,10 +120,9 @@ def load_config(name_or_path: str | Path, **overrides: Any) -> dict[str, Any]:
     if missing:
         raise InputError(f"{path} lacks {', '.join(missing)}")
     in_channels = config["arguments"].get("in_channels", 3)
-    if in_channels != len(config["bands"]):
-        raise InputError(
-            f"{path}: in_channels is {in_channels} but {len(config['bands'])} bands are read"
-        )
+    expected = len(config["bands"]) + (config["kind"] == "bpr")  # BPR also reads the mask
+    if in_channels != expected:
+        raise InputError(f"{path}: in_channels is {in_channels}, {expected} channels are read")
     for key in ("crop", "batch_size", "epochs", "steps_per_epoch"):
         if int(config[key]) < 1:
             raise InputError(f"{key} must be at least 1, not {config[key]}")
@@ -628,19 +629,54 @@ def base_probabilities(
     if base is not None:
         read_header(base, "base")
         model = load_cached(str(Path(base).resolve()), source, str(device))  # as refine runs it
-    out = []
-    for tile in tiles:
-        key = f"{PROBS_GROUP}/{tile.name}"
-        if key in group:
-            out.append(np.asarray(group[key][...]))
-            continue
+
+    def compute(tile: LabelledTile) -> np.ndarray:
         if base is not None:
-            probs = predict_array(model, tile.image, batch_size=batch_size, device=device)
-        else:
-            probs = _read_probability_raster(Path(probs_dir), tile)
-        group.create_array(key, data=probs.astype(np.float32), chunks=(512, 512))
-        out.append(probs.astype(np.float32))
-    return out
+            return predict_array(model, tile.image, batch_size=batch_size, device=device)
+        return _read_probability_raster(Path(probs_dir), tile)
+
+    return [
+        _cached(group, f"{PROBS_GROUP}/{tile.name}", lambda t=tile: compute(t)) for tile in tiles
+    ]
+
+
+def _cached(group, key: str, compute: Callable[[], np.ndarray]) -> np.ndarray:
+    """``group[key]`` of a Zarr cache, computed and stored the first time it is asked for."""
+    if key in group:
+        return np.asarray(group[key][...])
+    values = compute().astype(np.float32)
+    group.create_array(key, data=values, chunks=(512, 512))
+    return values
+
+
+def refined_probabilities(
+    base_probs: Sequence[np.ndarray],
+    names: Sequence[str],
+    cache: str | Path,
+    prn: str | Path,
+    batch_size: int = 8,
+    device: torch.device | str = "cpu",
+) -> list[np.ndarray]:
+    """A PRN's probabilities on tiles, from their base probabilities, cached in the Zarr group
+    of :func:`base_probabilities` (a different PRN file gets its own entries).
+
+    Returns:
+        One (H, W) float32 array per tile.
+    """
+    import zarr
+
+    read_header(prn, "prn")
+    sha = file_sha256(prn)
+    model = load_cached(str(Path(prn).resolve()), sha, str(device))
+    group = zarr.open_group(str(cache), mode="a")
+    return [
+        _cached(
+            group,
+            f"refined_{sha[:16]}/{name}",
+            lambda p=probs: predict_array(model, p[None], batch_size=batch_size, device=device),
+        )
+        for probs, name in zip(base_probs, names, strict=True)
+    ]
 
 
 def _read_probability_raster(folder: Path, tile: LabelledTile) -> np.ndarray:
@@ -793,6 +829,116 @@ def train_prn(
     )
     summary = _fit(run, config, out_path, state, started, max_minutes, device_, half, progress)
     return {**summary, "base_val_road_iou": base_iou}
+
+
+def train_bpr(
+    tiles: Sequence[str | Path | TilePair],
+    config: dict[str, Any],
+    out_path: str | Path,
+    base: str | Path,
+    prn: str | Path | None = None,
+    val_fraction: float = 0.2,
+    val_tiles: Sequence[str | Path | TilePair] | None = None,
+    seed: int = 0,
+    resume: bool = False,
+    overwrite: bool = False,
+    max_minutes: float | None = None,
+    device: str = "auto",
+    half: bool = False,
+    progress: Progress | None = None,
+) -> dict[str, Any]:
+    """Train a Boundary Patch Refinement network on boxes along predicted road boundaries.
+
+    The base model's (and, with ``prn``, PRN's) probabilities on the tiles are computed once
+    and cached beside the output (``<out>.cache.zarr``). Training boxes are placed along the
+    boundary of the predicted mask with the config's ``nms_iou_train``; each is the image and
+    mask patch, upsampled to ``input_size``, with the ground truth under it (cross-entropy;
+    nodata left out). Validation: road IoU of the predictions with BPR applied as ``refine``
+    applies it (boxes thinned at ``nms_iou``).
+
+    Args:
+        tiles, config, out_path, val_fraction, val_tiles, seed, resume, overwrite,
+            max_minutes, device, half, progress: as for :func:`train_base`.
+        base: the base checkpoint whose predictions BPR refines.
+        prn: the PRN checkpoint run after ``base`` (``refine --refiner prn+bpr``).
+
+    Returns:
+        The summary of :func:`train_base`, plus ``before_val_road_iou``: the predictions
+        without BPR on the validation tiles, for comparison.
+    """
+    started = time.monotonic()
+    out_path = Path(out_path)
+    base_meta = read_header(base, "base")
+    state = _open_state(out_path, resume, overwrite)
+    device_ = resolve_device(device)
+    train_pairs, val_pairs = _split(tiles, val_tiles, val_fraction, seed, config, state)
+    bands = list(config["bands"])
+    loaded = load_tiles(
+        train_pairs + val_pairs, bands, base_meta.get("nodata"), float(config["road_width"])
+    )
+    cache, batch = _cache_path(out_path), int(config["val_batch"])
+    probs = base_probabilities(loaded, cache, base, batch_size=batch, device=device_)
+    if prn is not None:
+        probs = refined_probabilities(probs, [t.name for t in loaded], cache, prn, batch, device_)
+    n_train = len(train_pairs)
+    box, input_size = int(config["box"]), int(config["input_size"])
+    boxes = [
+        boundary_boxes(
+            boundary_map(torch.from_numpy(p > 0.5)[None]), box, config["nms_iou_train"]
+        ).numpy()
+        for p in probs[:n_train]
+    ]
+    if state is not None:
+        mean, std = state["mean"], state["std"]
+    else:
+        mean, std = band_statistics(loaded[:n_train])
+        mean, std = [*mean, 0.5], [*std, 0.5]  # the mask channel, 0/1
+
+    torch.manual_seed(seed)
+    meta: dict[str, Any] = {
+        "kind": "bpr",
+        "architecture": config["architecture"],
+        "arguments": config["arguments"],
+        "bands": bands,
+        "tile_size": int(config["tile_size"]),
+        "mean": mean,
+        "std": std,
+        "box": box,
+        "input_size": input_size,
+        "nms_iou": float(config["nms_iou"]),
+        "gsd": base_meta.get("gsd", config.get("gsd")),
+        "output": "logits",
+        "base": {"sha256": file_sha256(base), "file": Path(base).name},
+        "prn": None if prn is None else {"sha256": file_sha256(prn), "file": Path(prn).name},
+    }
+    model = Predictor(build_base(config["architecture"], config["arguments"]), meta)
+    val_truth, val_probs = loaded[n_train:], probs[n_train:]
+
+    def loss(model: Predictor, batch: list[torch.Tensor]) -> torch.Tensor:
+        patch, label, valid = (upsample(t, input_size) for t in batch)
+        return masked_bce(model.logits(patch), (label > 0.5).float(), (valid > 0.5).float())
+
+    def refined_iou(model: Predictor, autocast) -> float:
+        refiner = BoundaryRefiner(model, box=box, input_size=input_size, nms_iou=meta["nms_iou"])
+        refined = []
+        with torch.inference_mode(), autocast:
+            for tile, p in zip(val_truth, val_probs, strict=True):
+                x = np.concatenate([p[None], tile.image.astype(np.float32)])
+                refined.append(refiner(torch.from_numpy(x)[None].to(device_))[0, 0].cpu().numpy())
+        return pooled_road_iou([r > 0.5 for r in refined], val_truth)
+
+    before_iou = pooled_road_iou([p > 0.5 for p in val_probs], val_truth)
+    log.info("predictions without BPR on the validation tiles: road IoU %.4f", before_iou)
+    split, trained_on = _trained_on(train_pairs, val_pairs, seed, config)
+    trained_on["before_val_road_iou"] = round(before_iou, 6)
+    trained_on["boxes"] = int(sum(len(b) for b in boxes))
+    length = int(config["steps_per_epoch"]) * int(config["batch_size"])
+    dataset = BoundaryPatches(loaded[:n_train], probs[:n_train], boxes, length, seed)
+    run = _Run(
+        model, meta, dataset, loss, refined_iou, split, trained_on, {"mean": mean, "std": std}
+    )
+    summary = _fit(run, config, out_path, state, started, max_minutes, device_, half, progress)
+    return {**summary, "before_val_road_iou": before_iou}
 
 
 def export_checkpoint(src: str | Path, dst: str | Path, half: bool = True) -> Path:

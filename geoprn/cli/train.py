@@ -10,7 +10,7 @@ from tqdm import tqdm
 
 from geoprn.crossfit import train_prn_crossfit
 from geoprn.labels import parse_metres
-from geoprn.train import load_config, train_base, train_prn
+from geoprn.train import load_config, train_base, train_bpr, train_prn
 
 
 def _nodata(ctx: click.Context, param: click.Parameter, value: str | None):
@@ -212,3 +212,41 @@ def prn(
         **options,
     )
     click.echo(f"base model at 0.5 on the val tiles: road IoU {summary['base_val_road_iou']:.4f}")
+
+
+@train.command("bpr")
+@_common_options("bpr_default", 0.2)
+@click.option(
+    "--base",
+    type=click.Path(dir_okay=False),
+    help="The base checkpoint whose predictions BPR refines (default: the shipped weights).",
+)
+@click.option(
+    "--prn",
+    type=click.Path(dir_okay=False),
+    help="The PRN run after the base model (default: the shipped weights).",
+)
+@click.option("--no-prn", is_flag=True, help="Train BPR on the base model's predictions alone.")
+def bpr(tiles, output, config_name, base, prn, no_prn, val_tiles, **options) -> None:
+    """Train a Boundary Patch Refinement network on TILES and save its best weights to OUTPUT.
+
+    Boxes are cut along the boundary of the base (+ PRN) predictions on the tiles, which are
+    computed once and cached beside OUTPUT. TILES take the same forms as for `train base`.
+    """
+    from geoprn.models.checkpoint import DEFAULT_BASE, DEFAULT_PRN
+
+    overrides = {k: options.pop(k) for k in OVERRIDES}
+    config = load_config(config_name, lr=options.pop("lr"), **overrides)
+    prn = None if no_prn else prn or DEFAULT_PRN
+    summary = _run(
+        train_bpr,
+        "train bpr",
+        tiles,
+        output,
+        config,
+        val_tiles=val_tiles or None,
+        base=base or DEFAULT_BASE,
+        prn=prn,
+        **options,
+    )
+    click.echo(f"without BPR on the val tiles: road IoU {summary['before_val_road_iou']:.4f}")
