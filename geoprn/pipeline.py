@@ -38,7 +38,14 @@ from geoprn.models.checkpoint import (
 )
 from geoprn.quicklook import write_quicklook
 from geoprn.raster import SceneInfo, WorkGrid, open_scene, read_region, write_mask_cog
-from geoprn.tiling import Block, Range, block_grid, stage_regions, window_origins
+from geoprn.tiling import (
+    DEFAULT_BLOCK_SIZE,
+    Block,
+    Range,
+    block_grid,
+    stage_regions,
+    window_origins,
+)
 from geoprn.vectorize import extract_roads, write_roads
 
 if TYPE_CHECKING:
@@ -263,7 +270,7 @@ def refine(
     bands: list[int] | None = None,
     device: str = "auto",
     batch_size: int = 8,
-    block_size: int = 2048,
+    block_size: int = DEFAULT_BLOCK_SIZE,
     overlap: int = 64,
     scheduler: str | None = None,
     threads: int | None = None,
