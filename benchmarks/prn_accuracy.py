@@ -5,10 +5,14 @@ Rows, all on the same tiles and valid pixels (white Massachusetts areas are noda
 - the base model at 0.5;
 - the base model at the single best global threshold, chosen on the validation split;
 - base + PRN (mean of its two branches, at 0.5);
+- base + BPR and base + PRN + BPR (Boundary Patch Refinement on each 512 window, as
+  ``refine --refiner bpr`` / ``prn+bpr`` runs it), with what BPR costs: boxes and seconds
+  per km² of imagery;
 - the patch-optimal oracle (each 64 x 64 patch at its own best threshold given the truth):
   the upper bound a patch-wise refiner could reach.
 
-Probabilities are computed as ``refine`` computes them (overlapping 512 windows, blended).
+Probabilities are computed as ``refine`` computes them (overlapping 512 windows, blended), and
+the base and PRN probabilities are cached (``--cache``) so later runs only redo the rest.
 
     python benchmarks/prn_accuracy.py                        # shipped weights, Massachusetts test
     python benchmarks/prn_accuracy.py --base B.safetensors --prn P.safetensors --device cuda
@@ -18,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import tempfile
 import time
 from pathlib import Path
 
@@ -26,8 +31,17 @@ import numpy as np
 from geoprn.data import discover_pairs, load_tiles
 from geoprn.inference import predict_array, resolve_device
 from geoprn.metrics import BoundaryCounts, Confusion, evaluate
-from geoprn.models.checkpoint import DEFAULT_BASE, DEFAULT_PRN, load_model
+from geoprn.models.bpr import BoundaryRefiner
+from geoprn.models.checkpoint import (
+    DEFAULT_BASE,
+    DEFAULT_BPR,
+    DEFAULT_PRN,
+    file_sha256,
+    load_cached,
+    read_header,
+)
 from geoprn.pseudo_labels import THRESHOLDS, patch_optimal_labels
+from geoprn.train import base_probabilities, refined_probabilities
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
@@ -54,22 +68,46 @@ def oracle(probs: np.ndarray, tile, patch: int) -> np.ndarray:
     return labels[:h, :w] > 0.5
 
 
+def timed_predictions(model, probs, tiles, batch_size, device) -> tuple[list, float, int]:
+    """A window-level refiner (BPR) run as ``refine`` runs it, on each tile's probabilities
+    and image: predictions, seconds, boxes."""
+    started, model.boxes_seen = time.perf_counter(), 0
+    out = [
+        predict_array(
+            model,
+            np.concatenate([p[None], t.image.astype(np.float32)]),
+            512,
+            64,
+            batch_size,
+            device,
+        )
+        for p, t in zip(probs, tiles, strict=True)
+    ]
+    return out, time.perf_counter() - started, model.boxes_seen
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dataset", default="massachusetts")
     parser.add_argument("--split", default="test")
     parser.add_argument("--base", default=str(DEFAULT_BASE))
     parser.add_argument("--prn", default=str(DEFAULT_PRN))
+    parser.add_argument("--bpr", default=str(DEFAULT_BPR), help="'none' leaves the BPR rows out")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument(
+        "--cache",
+        default=str(Path(tempfile.gettempdir()) / "geoprn-accuracy.zarr"),
+        help="Zarr cache of the base and PRN probabilities (reused by later runs)",
+    )
     args = parser.parse_args()
     device = resolve_device(args.device)
-    base, prn = load_model(args.base, "base", device), load_model(args.prn, "prn", device)
-    bands, nodata = base.geoprn_meta["bands"], base.geoprn_meta.get("nodata")
+    header = read_header(args.base, "base")
+    bands, nodata = header["bands"], header.get("nodata")
     started = time.perf_counter()
 
     def base_probs(tiles):
-        return [predict_array(base, t.image, 512, 64, args.batch_size, device) for t in tiles]
+        return base_probabilities(tiles, args.cache, args.base, None, args.batch_size, device)
 
     val = load_tiles(split_tiles(args.dataset, "val"), bands, nodata)
     val_probs = base_probs(val)
@@ -79,25 +117,41 @@ def main() -> None:
     )
     test = load_tiles(split_tiles(args.dataset, args.split), bands, nodata)
     probs = base_probs(test)
-    refined = [
-        predict_array(prn, p[None], batch_size=args.batch_size, device=device) for p in probs
-    ]
-    patch = int(prn.geoprn_meta["patch_size"])
+    names = [t.name for t in test]
+    refined = refined_probabilities(probs, names, args.cache, args.prn, args.batch_size, device)
+    patch = int(read_header(args.prn, "prn")["patch_size"])
     rows = {
         "base @ 0.5": scores([p > 0.5 for p in probs], test),
         f"base @ {best_tau:.2f} (best global on val)": scores([p > best_tau for p in probs], test),
         "base + PRN @ 0.5": scores([r > 0.5 for r in refined], test),
-        f"patch-optimal oracle (P = {patch})": scores(
-            [oracle(p, t, patch) for p, t in zip(probs, test, strict=True)], test
-        ),
     }
+    costs = []
+    if args.bpr != "none":
+        bpr, prn = (load_cached(str(Path(p).resolve()), file_sha256(p), str(device))
+                    for p in (args.bpr, args.prn))  # fmt: skip
+        meta = bpr.geoprn_meta
+        for name, before in (("base + BPR", None), ("base + PRN + BPR", prn)):
+            model = BoundaryRefiner(bpr, before, meta["box"], meta["input_size"], meta["nms_iou"])
+            preds, seconds, boxes = timed_predictions(model, probs, test, args.batch_size, device)
+            rows[f"{name} @ 0.5"] = scores([r > 0.5 for r in preds], test)
+            costs.append((name, seconds, boxes))
+    rows[f"patch-optimal oracle (P = {patch})"] = scores(
+        [oracle(p, t, patch) for p, t in zip(probs, test, strict=True)], test
+    )
     print(
         f"{args.dataset} {args.split} split, {len(test)} tiles; base {Path(args.base).name}, "
-        f"PRN {Path(args.prn).name}; device {device}; {time.perf_counter() - started:.0f} s"
+        f"PRN {Path(args.prn).name}, BPR {Path(args.bpr).name}; device {device}; "
+        f"{time.perf_counter() - started:.0f} s"
     )
     print("\n| | road IoU | mIoU | mBA |\n|---|---|---|---|")
     for name, s in rows.items():
         print(f"| {name} | " + " | ".join(f"{100 * v:.2f}" for v in s.values()) + " |")
+    km2 = sum(int(t.valid.sum()) for t in test) * 1e-6  # 1 m pixels
+    for name, seconds, boxes in costs:
+        print(
+            f"{name}: {boxes} BPR boxes on {km2:.2f} km² of imagery, {boxes / km2:.0f} boxes/km², "
+            f"{seconds / km2:.1f} s/km² for the refining stage on {device}"
+        )
 
 
 if __name__ == "__main__":

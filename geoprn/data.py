@@ -379,6 +379,8 @@ class BoundaryPatches(Dataset):
         return self.length
 
     def __getitem__(self, index: int):
+        if not 0 <= index < self.length:
+            raise IndexError(index)
         rng = np.random.default_rng([self.seed, self.epoch, int(index)])
         t, y0, x0, y1, x1 = self.index[int(rng.integers(len(self.index)))]
         tile, window = self.tiles[t], np.s_[..., y0:y1, x0:x1]

@@ -24,13 +24,16 @@ from typing import TYPE_CHECKING, Any
 import dask
 import numpy as np
 import rasterio
+import torch
 from dask.callbacks import Callback
 
 from geoprn import store
 from geoprn.errors import GeoprnWarning, InputError, SchedulerError
 from geoprn.inference import predict_region, resolve_device
+from geoprn.models.bpr import BoundaryRefiner
 from geoprn.models.checkpoint import (
     DEFAULT_BASE,
+    DEFAULT_BPR,
     DEFAULT_PRN,
     file_sha256,
     load_cached,
@@ -81,16 +84,19 @@ class RefineJob:
     batch_size: int
     device: str
     grid: WorkGrid
+    bpr: ModelRef | None = None
 
     @property
-    def stages(self) -> list[tuple[str, ModelRef]]:
-        """The model stages in order, each with the Zarr variable it fills."""
-        named = [("base", self.base), ("refined", self.prn)]
-        return [(name, ref) for name, ref in named if ref is not None]
+    def stages(self) -> list[tuple[str, list[ModelRef]]]:
+        """The model stages in order, each with the Zarr variable it fills and its models: the
+        base model, then the refiners (PRN and/or BPR, run window by window)."""
+        refiners = [ref for ref in (self.prn, self.bpr) if ref is not None]
+        named = [("base", [self.base] if self.base else []), ("refined", refiners)]
+        return [(name, refs) for name, refs in named if refs]
 
     @property
     def variables(self) -> list[str]:
-        return ["base", "refined"] if self.prn is not None else ["base"]
+        return ["base", "refined"] if self.prn or self.bpr else ["base"]
 
 
 @dataclass
@@ -138,10 +144,10 @@ def predict_stages(job: RefineJob, rows: Range, cols: Range) -> tuple[dict[str, 
     )
     regions = stage_regions(origins, rows, cols, job.tile, len(job.stages))
     with grid.open(job.scene.path) as ds:
-        if job.probs is None:
-            source, valid = read_region(ds, job.bands, *regions[0])
-        else:
-            _, valid = read_region(ds, None, *regions[0])
+        image_bands = job.bands if job.probs is None or job.bpr is not None else None
+        image, valid = read_region(ds, image_bands, *regions[0])
+        source = image
+        if job.probs is not None:
             with grid.open(job.probs) as probs:
                 source = _read_probabilities(probs, *regions[0])
 
@@ -152,10 +158,14 @@ def predict_stages(job: RefineJob, rows: Range, cols: Range) -> tuple[dict[str, 
     if job.probs is not None:
         outputs["base"] = source[0], (ry0, rx0)
     windows = 0
-    for (name, ref), src_region, out_region in zip(
+    for (name, refs), src_region, out_region in zip(
         job.stages, regions[:-1], regions[1:], strict=True
     ):
-        model = load_cached(ref.path, ref.sha256, str(device))
+        model = stage_model(refs, str(device))
+        if isinstance(model, BoundaryRefiner):  # BPR sees the image beside the probabilities
+            (sy0, sy1), (sx0, sx1) = src_region
+            crop = image[:, sy0 - ry0 : sy1 - ry0, sx0 - rx0 : sx1 - rx0].astype(np.float32)
+            source = np.concatenate([source, crop])
         probs, count = predict_region(
             model,
             source,
@@ -178,6 +188,17 @@ def predict_stages(job: RefineJob, rows: Range, cols: Range) -> tuple[dict[str, 
         for name, (probs, (oy, ox)) in outputs.items()
     }
     return cropped, windows
+
+
+def stage_model(refs: list[ModelRef], device: str) -> torch.nn.Module:
+    """The model of one stage, loaded once per worker: a base model, a PRN, or BPR run on
+    each window (after PRN when both are given)."""
+    models = [load_cached(ref.path, ref.sha256, device) for ref in refs]
+    meta = models[-1].geoprn_meta
+    if meta["kind"] != "bpr":
+        return models[0]
+    before = models[0] if len(models) == 2 else None
+    return BoundaryRefiner(models[-1], before, meta["box"], meta["input_size"], meta["nms_iou"])
 
 
 def process_block(job: RefineJob, block: Block) -> BlockResult:
@@ -267,6 +288,8 @@ def refine(
     prn: str | Path | None = None,
     probs: str | Path | None = None,
     use_prn: bool = True,
+    bpr: str | Path | None = None,
+    use_bpr: bool = False,
     bands: list[int] | None = None,
     device: str = "auto",
     batch_size: int = 8,
@@ -291,7 +314,9 @@ def refine(
         base: base checkpoint; the shipped default when None.
         prn: refiner checkpoint; the shipped default when None and one is shipped.
         probs: a probability raster on the scene's grid, refined instead of running ``base``.
-        use_prn: run the refiner at all.
+        use_prn: run PRN at all.
+        bpr: Boundary Patch Refinement checkpoint; the shipped default when None.
+        use_bpr: run BPR on each window after PRN (or after the base model without PRN).
         bands: 1-based scene bands to feed the base model (default: the checkpoint's).
         device: ``auto``, ``cpu`` or ``cuda[:N]``; resolved on each worker.
         batch_size: windows per forward pass.
@@ -316,7 +341,19 @@ def refine(
     started = time.perf_counter()
     info = open_scene(scene)
     job = _plan(
-        info, Path(outdir), base, prn, probs, use_prn, bands, device, batch_size, overlap, resample
+        info,
+        Path(outdir),
+        base,
+        prn,
+        probs,
+        use_prn,
+        bpr if use_bpr else None,
+        use_bpr,
+        bands,
+        device,
+        batch_size,
+        overlap,
+        resample,
     )
     if job.grid.resampled:
         log.info("models run at %.3g x the scene's pixel size", job.grid.factor)
@@ -396,6 +433,8 @@ def _plan(
     prn: str | Path | None,
     probs: str | Path | None,
     use_prn: bool,
+    bpr: str | Path | None,
+    use_bpr: bool,
     bands: list[int] | None,
     device: str,
     batch_size: int,
@@ -410,20 +449,18 @@ def _plan(
         base = Path(base) if base is not None else DEFAULT_BASE
         header = read_header(base, "base")
         tile, gsd = header["tile_size"], header.get("gsd")
-        bands = bands or header["bands"]
-        if len(bands) != len(header["bands"]):
-            raise InputError(
-                f"{base} reads {len(header['bands'])} bands, --bands gives {len(bands)}"
-            )
-        if max(bands) > info.count or min(bands) < 1:
-            raise InputError(
-                f"{info.path} has {info.count} band(s); the model reads band(s) "
-                f"{','.join(map(str, bands))} (choose others with --bands)"
-            )
+        bands = _model_bands(header, base, bands, info)
         base_ref = ModelRef.of(base)
     else:
         _check_probabilities(Path(probs), info)
-        bands = []
+    bpr_ref = None
+    if use_bpr:  # BPR reads the base model's bands (the image is read once)
+        bpr = Path(bpr) if bpr is not None else DEFAULT_BPR
+        header = read_header(bpr, "bpr")
+        bands = _model_bands(header, bpr, bands, info)
+        tile, gsd = header["tile_size"], gsd or header.get("gsd")
+        bpr_ref = ModelRef.of(bpr)
+    bands = bands or []
     prn_ref = None
     if use_prn:
         if prn is None and DEFAULT_PRN.is_file():
@@ -457,7 +494,24 @@ def _plan(
         batch_size,
         device,
         WorkGrid.choose(info, gsd, resample),
+        bpr_ref,
     )
+
+
+def _model_bands(header: dict, path: Path, bands: list[int] | None, info: SceneInfo) -> list[int]:
+    """The scene bands a model reads (``bands`` if given, else its checkpoint's), checked."""
+    bands = bands or header["bands"]
+    if len(bands) != len(header["bands"]):
+        raise InputError(
+            f"{path} reads {len(header['bands'])} bands, {len(bands)} are given "
+            "(by --bands or the base model)"
+        )
+    if max(bands) > info.count or min(bands) < 1:
+        raise InputError(
+            f"{info.path} has {info.count} band(s); the model reads band(s) "
+            f"{','.join(map(str, bands))} (choose others with --bands)"
+        )
+    return bands
 
 
 def _check_pair(prn_header: dict, prn: ModelRef, base: ModelRef | None) -> None:
@@ -495,6 +549,7 @@ def _signature(job: RefineJob, block_size: int, threshold: float, zarr_format: i
         "scene_mtime_ns": stat.st_mtime_ns,
         "base": job.base and asdict(job.base),
         "prn": job.prn and asdict(job.prn),
+        "bpr": job.bpr and asdict(job.bpr),
         "probs": job.probs,
         "bands": job.bands,
         "tile": job.tile,

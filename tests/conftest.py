@@ -78,7 +78,7 @@ def make_checkpoint(path: Path, kind: str, in_channels: int, seed: int, **meta) 
 
 @pytest.fixture(scope="session")
 def models(tmp_path_factory) -> dict[str, Path]:
-    """Base (RGB, uint8 statistics), one-band base (uint16), and a refiner checkpoint."""
+    """Base (RGB, uint8 statistics), one-band base (uint16), a PRN-kind refiner and a BPR."""
     root = tmp_path_factory.mktemp("models")
     rgb = {"mean": [110.0, 110.0, 100.0], "std": [50.0, 50.0, 50.0]}
     return {
@@ -87,6 +87,18 @@ def models(tmp_path_factory) -> dict[str, Path]:
             root / "base1.safetensors", "base", 1, 1, mean=[400.0], std=[200.0]
         ),
         "prn": make_checkpoint(root / "prn.safetensors", "prn", 1, 2),
+        "bpr": make_checkpoint(
+            root / "bpr.safetensors",
+            "bpr",
+            4,
+            3,
+            bands=[1, 2, 3],
+            mean=[*rgb["mean"], 0.5],
+            std=[*rgb["std"], 0.5],
+            box=64,
+            input_size=128,
+            nms_iou=0.55,
+        ),
     }
 
 

@@ -3,6 +3,7 @@ window-level refiner, and a short real training run."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -10,8 +11,10 @@ import pytest
 import rasterio
 import torch
 import yaml
+import zarr
 from click.testing import CliRunner
 
+from geoprn import refine
 from geoprn.cli.main import cli
 from geoprn.data import BoundaryPatches, discover_pairs, load_tiles
 from geoprn.losses import masked_bce
@@ -173,7 +176,8 @@ def test_bpr_loss_falls(run, tiles, config):
     probs = [np.where(t.label > 0, 0.9, 0.1).astype(np.float32) for t in train]
     boxes = [boundary_boxes(boundary_map(torch.from_numpy(p > 0.5)[None])).numpy() for p in probs]
     data = BoundaryPatches(train, probs, boxes, length=16, seed=3)
-    patch, label, valid = (upsample(torch.stack(b), 128) for b in zip(*data, strict=True))
+    items = [data[i] for i in range(len(data))]
+    patch, label, valid = (upsample(torch.stack(b), 128) for b in zip(*items, strict=True))
     torch.manual_seed(0)  # the initial weights train_bpr started from (seed 0)
     initial = build_base("Unet", config["arguments"]).eval()
     trained = load_model(run["checkpoint"])
@@ -195,3 +199,38 @@ def test_train_bpr_command(tiles, tmp_path):
     assert load_model(out).geoprn_meta["prn"] is None
     result = CliRunner().invoke(cli, [str(a) for a in args])
     assert result.exit_code == 1 and "exists; pass --resume" in result.output
+
+
+def refined(outdir: Path, stem: str = "mass") -> np.ndarray:
+    return zarr.open_array(outdir / f"{stem}.zarr" / "refined", mode="r")[:]
+
+
+@pytest.fixture(scope="module")
+def with_bpr(mass_scene, models, tmp_path_factory) -> Path:
+    """base + PRN + BPR on a real scene, blocks of 512."""
+    out = tmp_path_factory.mktemp("bpr_refine")
+    refine(mass_scene, out, base=models["base"], prn=models["prn"], bpr=models["bpr"],
+           use_bpr=True, block_size=512, device="cpu")  # fmt: skip
+    return out
+
+
+def test_refine_with_bpr_does_not_depend_on_the_block_size(with_bpr, mass_scene, models, tmp_path):
+    refine(mass_scene, tmp_path, base=models["base"], prn=models["prn"], bpr=models["bpr"],
+           use_bpr=True, block_size=1024, device="cpu")  # fmt: skip
+    np.testing.assert_array_equal(refined(with_bpr), refined(tmp_path))
+    record = json.loads((tmp_path / "mass_run.json").read_text())
+    assert record["inputs"]["bpr"]["sha256"] == file_sha256(models["bpr"])
+
+
+def test_bpr_alone_refines_the_base_model(mass_scene, models, tmp_path):
+    result = CliRunner().invoke(
+        cli,
+        [str(a) for a in ("refine", mass_scene, "-o", tmp_path, "--base", models["base"],
+                          "--refiner", "bpr", "--bpr", models["bpr"], "--device", "cpu")],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    base, out = (
+        zarr.open_array(tmp_path / "mass.zarr" / v, mode="r")[:] for v in ("base", "refined")
+    )
+    assert not np.array_equal(base, out) and np.isfinite(out).all()
+    assert out.min() >= 0 and out.max() <= 1

@@ -252,7 +252,7 @@ def test_band_selection_and_band_count_errors(tmp_path, models):
     one_band = SHARED_DATA / "spacenet" / "solaris_pan_utm.tif"
     with pytest.raises(InputError, match="has 1 band"):
         refine(one_band, tmp_path / "x", base=models["base"], device="cpu")
-    with pytest.raises(InputError, match="reads 3 bands, --bands gives 2"):
+    with pytest.raises(InputError, match="reads 3 bands, 2 are given"):
         refine(naip, tmp_path / "y", base=models["base"], device="cpu", bands=[1, 2])
 
 

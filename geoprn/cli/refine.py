@@ -8,6 +8,7 @@ import click
 from tqdm import tqdm
 
 from geoprn.cli.vectorize import vector_options
+from geoprn.tiling import DEFAULT_BLOCK_SIZE
 
 if TYPE_CHECKING:
     from geoprn.pipeline import BlockResult
@@ -46,13 +47,22 @@ def _bands(ctx: click.Context, param: click.Parameter, value: str | None) -> lis
     type=click.Path(dir_okay=False),
     help="Refine this probability raster (on the scene's grid) instead of running the base model.",
 )
-@click.option("--no-prn", is_flag=True, help="Run the base model only.")
+@click.option(
+    "--refiner",
+    type=click.Choice(["prn", "bpr", "prn+bpr", "none"]),
+    default="prn",
+    show_default=True,
+    help="What refines the base probabilities: PatchRefineNet, Boundary Patch Refinement "
+    "(on each window, with the image), both in that order, or nothing.",
+)
+@click.option("--bpr", type=click.Path(dir_okay=False), help="BPR checkpoint (default: shipped).")
+@click.option("--no-prn", is_flag=True, help="Leave PRN out of --refiner (base model only).")
 @click.option("--bands", callback=_bands, help="Scene bands to feed the base model, e.g. 3,2,1.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda[:N].")
 @click.option("--batch-size", default=8, show_default=True, help="Windows per forward pass.")
 @click.option(
     "--block-size",
-    default=2048,
+    default=DEFAULT_BLOCK_SIZE,
     show_default=True,
     help="Pixels per Dask block side (multiple of 512); the result does not change.",
 )
@@ -98,6 +108,8 @@ def refine(
     base,
     prn,
     probs,
+    refiner,
+    bpr,
     no_prn,
     bands,
     device,
@@ -140,7 +152,9 @@ def refine(
             base=base,
             prn=prn,
             probs=probs,
-            use_prn=not no_prn,
+            use_prn="prn" in refiner and not no_prn,
+            bpr=bpr,
+            use_bpr="bpr" in refiner,
             bands=bands,
             device=device,
             batch_size=batch_size,

@@ -68,7 +68,8 @@ def boundary_boxes(
         stride: spacing of candidate centres.
 
     Returns:
-        (K, 5) int64 boxes ``(n, y0, x0, y1, x1)``: window index and half-open pixel bounds.
+        (K, 5) int64 boxes ``(n, y0, x0, y1, x1)``: window index and half-open pixel bounds,
+        sorted by window, then row, then column.
     """
     n_win, height, width = boundary.shape
     if height < box or width < box:
@@ -91,6 +92,8 @@ def boundary_boxes(
         keep = batched_nms(coords, score.float(), n, nms_iou)
         kept = torch.cat([kept, torch.stack([n, y0, x0, y1, x1], 1)[keep]])
         uncovered = boundary & (box_counts(kept, boundary.shape) == 0)
+        order = torch.argsort((kept[:, 0] * height + kept[:, 1]) * width + kept[:, 2])
+        kept = kept[order]
 
 
 def crop_boxes(x: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
@@ -104,14 +107,14 @@ def crop_boxes(x: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
 
 def paste_boxes(probs: torch.Tensor, boxes: torch.Tensor, patches: torch.Tensor) -> torch.Tensor:
     """Paste (K, box, box) patches into (N, H, W) ``probs``, averaging where boxes overlap;
-    pixels no box covers keep their value."""
-    side = patches.shape[-1]
-    offsets = torch.arange(side, device=probs.device)
-    rows = (boxes[:, 1, None] + offsets)[:, :, None].expand(-1, side, side)
-    cols = (boxes[:, 2, None] + offsets)[:, None, :].expand(-1, side, side)
-    n = boxes[:, 0, None, None].expand(-1, side, side)
+    pixels no box covers keep their value.
+
+    Patches are added one by one in the boxes' order: the float sums, and so the result, are
+    the same whichever other windows share the batch.
+    """
     total = torch.zeros_like(probs, dtype=torch.float32)
-    total.index_put_((n, rows, cols), patches.float(), accumulate=True)
+    for (n, y0, x0, y1, x1), patch in zip(boxes.tolist(), patches.float(), strict=True):
+        total[n, y0:y1, x0:x1] += patch
     count = box_counts(boxes, probs.shape)
     return torch.where(count > 0, total / count.clamp(min=1), probs.float()).to(probs.dtype)
 
@@ -144,10 +147,16 @@ class BoundaryRefiner(nn.Module):
         self.patch_batch = patch_batch
         self.boxes_seen = 0
 
-    def refine_patches(self, patches: torch.Tensor) -> torch.Tensor:
-        """Road probabilities (K, box, box) of (K, C + 1, box, box) image + mask patches."""
+    def refine_patches(self, patches: torch.Tensor, windows: torch.Tensor) -> torch.Tensor:
+        """Road probabilities (K, box, box) of (K, C + 1, box, box) image + mask patches.
+
+        Each window's patches go through the network in batches of their own, so a window's
+        result does not depend on the windows batched with it (float rounding included).
+        """
         out = []
-        for chunk in patches.split(self.patch_batch):
+        per_window = torch.unique_consecutive(windows, return_counts=True)[1].tolist()
+        chunks = [c for w in patches.split(per_window) for c in w.split(self.patch_batch)]
+        for chunk in chunks:
             up = upsample(chunk, self.input_size).contiguous(memory_format=torch.channels_last)
             probs = self.patch_model(up)
             out.append(F.interpolate(probs.float(), size=self.box, mode="area")[:, 0])
@@ -155,8 +164,8 @@ class BoundaryRefiner(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         probs, image = x[:, :1], x[:, 1:]
-        if self.before is not None:
-            probs = self.before(probs)
+        if self.before is not None:  # the same layout as when it runs alone: the same floats
+            probs = self.before(probs.contiguous(memory_format=torch.channels_last))
         probs = probs.float()
         mask = probs[:, 0] > 0.5
         boxes = boundary_boxes(boundary_map(mask), self.box, self.nms_iou)
@@ -164,4 +173,5 @@ class BoundaryRefiner(nn.Module):
         if len(boxes) == 0:
             return probs
         patches = crop_boxes(torch.cat([image.float(), mask[:, None].float()], 1), boxes)
-        return paste_boxes(probs[:, 0], boxes, self.refine_patches(patches))[:, None]
+        refined = self.refine_patches(patches, boxes[:, 0])
+        return paste_boxes(probs[:, 0], boxes, refined)[:, None]

@@ -28,6 +28,7 @@ REQUIRED = ("kind", "architecture", "arguments", "bands", "tile_size")
 WEIGHTS_DIR = Path(__file__).parents[1] / "weights"
 DEFAULT_BASE = WEIGHTS_DIR / "base_default.safetensors"
 DEFAULT_PRN = WEIGHTS_DIR / "prn_default.safetensors"
+DEFAULT_BPR = WEIGHTS_DIR / "bpr_default.safetensors"
 """The shipped weights (geoprn/weights/README.md), used when no checkpoint is given."""
 
 
