@@ -123,3 +123,30 @@ def crop_tiles(folder: Path, windows: dict[str, tuple[int, int]], root: Path, si
                 with rasterio.open(root / kind / name, "w", dtype=array.dtype, **profile) as dst:
                     dst.write(array)
     return root
+
+
+VAL_WINDOWS = {  # 512 x 512 windows of val-split tiles, all imagery (no white nodata)
+    "18028870_15.png": (0, 0),
+    "21628930_15.png": (900, 900),
+    "22679080_15.png": (900, 0),
+    "26278705_15.png": (0, 500),
+}
+
+
+@pytest.fixture(scope="session")
+def val_crops(tmp_path_factory) -> Path:
+    """images/ + masks/ of four 512 px crops of real val-split tiles (PRN and BPR training)."""
+    return crop_tiles(
+        SHARED_DATA / "massachusetts" / "val", VAL_WINDOWS, tmp_path_factory.mktemp("val512")
+    )
+
+
+def config_from(settings: dict, folder: Path) -> dict:
+    """A training config written as YAML from ``settings`` and loaded as ``geoprn train`` would."""
+    import yaml
+
+    from geoprn.train import load_config
+
+    path = folder / "config.yaml"
+    path.write_text(yaml.safe_dump(settings))
+    return load_config(path)

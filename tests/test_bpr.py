@@ -29,17 +29,11 @@ from geoprn.models.bpr import (
     upsample,
 )
 from geoprn.models.checkpoint import DEFAULT_BASE, file_sha256, load_model
-from geoprn.train import load_config, train_bpr
-from tests.conftest import SHARED_DATA, crop_tiles
+from geoprn.train import train_bpr
+from tests.conftest import SHARED_DATA, config_from
 
 MASKS = SHARED_DATA / "massachusetts" / "test" / "masks"
 VAL = SHARED_DATA / "massachusetts" / "val"
-SOURCES = {  # 512 x 512 windows of val-split tiles, all imagery (no white nodata)
-    "18028870_15.png": (0, 0),
-    "21628930_15.png": (900, 900),
-    "22679080_15.png": (900, 0),
-    "26278705_15.png": (0, 500),
-}
 SMALL = {
     "kind": "bpr",
     "architecture": "Unet",
@@ -135,22 +129,15 @@ pytestmark_data = pytest.mark.skipif(not VAL.is_dir(), reason=f"real data not fo
 
 
 @pytest.fixture(scope="module")
-def tiles(tmp_path_factory) -> Path:
-    return crop_tiles(VAL, SOURCES, tmp_path_factory.mktemp("val512"))
-
-
-@pytest.fixture(scope="module")
 def config(tmp_path_factory) -> dict:
-    path = tmp_path_factory.mktemp("cfg") / "bpr_small.yaml"
-    path.write_text(yaml.safe_dump(SMALL))
-    return load_config(path)
+    return config_from(SMALL, tmp_path_factory.mktemp("cfg"))
 
 
 @pytest.fixture(scope="module")
-def run(tiles, config, models, tmp_path_factory) -> dict:
+def run(val_crops, config, models, tmp_path_factory) -> dict:
     out = tmp_path_factory.mktemp("bpr") / "bpr.safetensors"
     return train_bpr(
-        [tiles], config, out, DEFAULT_BASE, models["prn"], val_fraction=0.25, device="cpu"
+        [val_crops], config, out, DEFAULT_BASE, models["prn"], val_fraction=0.25, device="cpu"
     )
 
 
@@ -170,8 +157,8 @@ def test_checkpoint_records_what_it_refines(run, models):
 
 
 @pytestmark_data
-def test_bpr_loss_falls(run, tiles, config):
-    loaded = load_tiles(discover_pairs([tiles]), [1, 2, 3], 255)
+def test_bpr_loss_falls(run, val_crops, config):
+    loaded = load_tiles(discover_pairs([val_crops]), [1, 2, 3], 255)
     train = [t for t in loaded if t.name in run["split"]["train"]]
     probs = [np.where(t.label > 0, 0.9, 0.1).astype(np.float32) for t in train]
     boxes = [boundary_boxes(boundary_map(torch.from_numpy(p > 0.5)[None])).numpy() for p in probs]
@@ -188,11 +175,11 @@ def test_bpr_loss_falls(run, tiles, config):
 
 
 @pytestmark_data
-def test_train_bpr_command(tiles, tmp_path):
+def test_train_bpr_command(val_crops, tmp_path):
     out = tmp_path / "b.safetensors"
     path = tmp_path / "tiny.yaml"
     path.write_text(yaml.safe_dump({**SMALL, "epochs": 1, "steps_per_epoch": 1}))
-    args = ["train", "bpr", tiles, "-o", out, "--config", path, "--no-prn", "--device", "cpu"]
+    args = ["train", "bpr", val_crops, "-o", out, "--config", path, "--no-prn", "--device", "cpu"]
     result = CliRunner().invoke(cli, [str(a) for a in args])
     assert result.exit_code == 0, result.output
     assert "without BPR on the val tiles: road IoU" in result.output and out.is_file()

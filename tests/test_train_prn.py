@@ -21,17 +21,11 @@ from geoprn.losses import prn_loss
 from geoprn.models.checkpoint import DEFAULT_BASE, file_sha256, load_cached, load_model
 from geoprn.models.prn import PatchRefineNet
 from geoprn.pseudo_labels import patch_optimal_labels
-from geoprn.train import base_probabilities, load_config, prn_tile, train_prn
-from tests.conftest import crop_tiles
+from geoprn.train import base_probabilities, prn_tile, train_prn
+from tests.conftest import VAL_WINDOWS, config_from
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 VAL = DATA / "massachusetts" / "val"
-SOURCES = {  # 512 x 512 windows of val-split tiles, all imagery (no white nodata)
-    "18028870_15.png": (0, 0),
-    "21628930_15.png": (900, 900),
-    "22679080_15.png": (900, 0),
-    "26278705_15.png": (0, 500),
-}
 SMALL = {
     "architecture": "PatchRefineNet",
     "arguments": {
@@ -57,21 +51,14 @@ pytestmark = pytest.mark.skipif(not VAL.is_dir(), reason=f"real data not found a
 
 
 @pytest.fixture(scope="module")
-def tiles(tmp_path_factory) -> Path:
-    return crop_tiles(VAL, SOURCES, tmp_path_factory.mktemp("val512"))
-
-
-@pytest.fixture(scope="module")
 def config(tmp_path_factory) -> dict:
-    path = tmp_path_factory.mktemp("cfg") / "prn_small.yaml"
-    path.write_text(yaml.safe_dump(SMALL))
-    return load_config(path)
+    return config_from(SMALL, tmp_path_factory.mktemp("cfg"))
 
 
 @pytest.fixture(scope="module")
-def run(tiles, config, tmp_path_factory) -> dict:
+def run(val_crops, config, tmp_path_factory) -> dict:
     out = tmp_path_factory.mktemp("prn") / "prn.safetensors"
-    return train_prn([tiles], config, out, base=DEFAULT_BASE, val_fraction=0.25, device="cpu")
+    return train_prn([val_crops], config, out, base=DEFAULT_BASE, val_fraction=0.25, device="cpu")
 
 
 def test_checkpoint_records_its_base_and_split(run):
@@ -80,7 +67,7 @@ def test_checkpoint_records_its_base_and_split(run):
     assert meta["base"] == {"sha256": file_sha256(DEFAULT_BASE), "file": DEFAULT_BASE.name}
     assert meta["patch_size"] == 32 and meta["output"] == "probability" and meta["gsd"] == 1.0
     assert sorted(meta["trained_on"]["train_tiles"] + meta["trained_on"]["val_tiles"]) == sorted(
-        SOURCES
+        VAL_WINDOWS
     )
     assert len(run["history"]) == 2 and 0.0 <= run["best_val_road_iou"] <= 1.0
     assert 0.2 < run["base_val_road_iou"] < 1.0  # the shipped base model finds roads here
@@ -95,22 +82,24 @@ def test_checkpoint_records_its_base_and_split(run):
     assert curves.shape == (3, 260, 840) and (curves[0] < 100).mean() > 0.005  # lines drawn
 
 
-def test_cache_holds_what_refine_computes(run, tiles):
+def test_cache_holds_what_refine_computes(run, val_crops):
     cache = zarr.open_group(run["checkpoint"] + ".cache.zarr", mode="r")
     assert cache.attrs["source"] == file_sha256(DEFAULT_BASE)
-    tile = load_tiles(discover_pairs([tiles]), [1, 2, 3], 255)[0]
+    tile = load_tiles(discover_pairs([val_crops]), [1, 2, 3], 255)[0]
     model = load_cached(str(DEFAULT_BASE.resolve()), file_sha256(DEFAULT_BASE), "cpu")
     expected = predict_array(model, tile.image)  # the model as refine runs it
     np.testing.assert_array_equal(cache[f"probs/{tile.name}"][...], expected)
     # the training tiles' pseudo-labels are cached too, as patch_optimal_labels makes them
     name = run["split"]["train"][0]
-    tile = next(t for t in load_tiles(discover_pairs([tiles]), [1, 2, 3], 255) if t.name == name)
+    tile = next(
+        t for t in load_tiles(discover_pairs([val_crops]), [1, 2, 3], 255) if t.name == name
+    )
     pseudo, _ = patch_optimal_labels(cache[f"probs/{name}"][...], tile.label, 32, tile.valid)
     np.testing.assert_array_equal(cache[f"pseudo_p32/{name}"][...], pseudo)
 
 
-def test_prn_tiles_carry_patch_aligned_pseudo_labels(tiles):
-    tile = load_tiles(discover_pairs([tiles]), [1, 2, 3], 255)[0]
+def test_prn_tiles_carry_patch_aligned_pseudo_labels(val_crops):
+    tile = load_tiles(discover_pairs([val_crops]), [1, 2, 3], 255)[0]
     probs = np.random.default_rng(0).random((500, 490), dtype=np.float32)
     tile.label, tile.valid = tile.label[:500, :490], tile.valid[:500, :490]
     prepared = prn_tile(tile, probs, 32)
@@ -131,13 +120,13 @@ def test_prn_tiles_carry_patch_aligned_pseudo_labels(tiles):
         assert hits, "crop origin off the patch grid"
 
 
-def test_loss_falls(run, tiles, config):
+def test_loss_falls(run, val_crops, config):
     prepared = [
         prn_tile(t, p, 32)
         for t, p in zip(
-            load_tiles(discover_pairs([tiles]), [1, 2, 3], 255),
+            load_tiles(discover_pairs([val_crops]), [1, 2, 3], 255),
             base_probabilities(
-                load_tiles(discover_pairs([tiles]), [1, 2, 3], 255),
+                load_tiles(discover_pairs([val_crops]), [1, 2, 3], 255),
                 run["checkpoint"] + ".cache.zarr",
                 base=DEFAULT_BASE,
             ),
@@ -158,11 +147,11 @@ def test_loss_falls(run, tiles, config):
     assert after < 0.9 * before, (before, after)
 
 
-def test_probability_rasters_instead_of_a_base(run, tiles, config, tmp_path):
+def test_probability_rasters_instead_of_a_base(run, val_crops, config, tmp_path):
     probs_dir = tmp_path / "probs"
     probs_dir.mkdir()
     cache = zarr.open_group(run["checkpoint"] + ".cache.zarr", mode="r")
-    for name in SOURCES:
+    for name in VAL_WINDOWS:
         data = np.round(cache[f"probs/{name}"][...] * 255).astype(np.uint8)[None]
         with rasterio.open(
             probs_dir / name.replace(".png", ".tif"),
@@ -176,12 +165,16 @@ def test_probability_rasters_instead_of_a_base(run, tiles, config, tmp_path):
             dst.write(data)
     config = {**config, "epochs": 1, "steps_per_epoch": 2}
     out = tmp_path / "from_probs.safetensors"
-    summary = train_prn([tiles], config, out, probs_dir=probs_dir, val_fraction=0.25, device="cpu")
+    summary = train_prn(
+        [val_crops], config, out, probs_dir=probs_dir, val_fraction=0.25, device="cpu"
+    )
     assert load_model(out).geoprn_meta["base"] == {"probs": str(probs_dir)}
     assert summary["base_val_road_iou"] == pytest.approx(run["base_val_road_iou"], abs=0.01)
     (probs_dir / "18028870_15.tif").unlink()
     with pytest.raises(InputError, match="no probability raster for tile 18028870_15.png"):
-        train_prn([tiles], config, tmp_path / "x.safetensors", probs_dir=probs_dir, device="cpu")
+        train_prn(
+            [val_crops], config, tmp_path / "x.safetensors", probs_dir=probs_dir, device="cpu"
+        )
 
 
 def invoke(*args) -> tuple[int, str]:
@@ -189,21 +182,21 @@ def invoke(*args) -> tuple[int, str]:
     return result.exit_code, result.output
 
 
-def test_cli_errors(tiles, run, tmp_path):
-    code, out = invoke("train", "prn", tiles, "-o", tmp_path / "p.safetensors")
+def test_cli_errors(val_crops, run, tmp_path):
+    code, out = invoke("train", "prn", val_crops, "-o", tmp_path / "p.safetensors")
     assert code == 1 and "give either a base checkpoint (--base) or probabilities" in out
     code, out = invoke(
-        "train", "prn", tiles, "-o", tmp_path / "p.safetensors", "--base", run["checkpoint"]
+        "train", "prn", val_crops, "-o", tmp_path / "p.safetensors", "--base", run["checkpoint"]
     )
     assert code == 1 and "is a prn checkpoint, a base one is needed" in out
     assert "Traceback" not in out
 
 
-def test_cli_trains(tiles, config, tmp_path):
+def test_cli_trains(val_crops, config, tmp_path):
     cfg = tmp_path / "tiny.yaml"
     cfg.write_text(yaml.safe_dump({**SMALL, "epochs": 1, "steps_per_epoch": 2}))
     out = tmp_path / "cli.safetensors"
-    args = ("train", "prn", tiles, "-o", out, "--base", DEFAULT_BASE, "--config", cfg)
+    args = ("train", "prn", val_crops, "-o", out, "--base", DEFAULT_BASE, "--config", cfg)
     code, text = invoke(*args, "--device", "cpu", "--val-fraction", "0.25")
     assert code == 0, text
     assert "base model at 0.5 on the val tiles: road IoU" in text and out.is_file()
