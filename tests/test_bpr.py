@@ -17,6 +17,7 @@ from click.testing import CliRunner
 from geoprn import refine
 from geoprn.cli.main import cli
 from geoprn.data import BoundaryPatches, discover_pairs, load_tiles
+from geoprn.inference import predict_array
 from geoprn.losses import masked_bce
 from geoprn.models.base import build_base
 from geoprn.models.bpr import (
@@ -28,7 +29,7 @@ from geoprn.models.bpr import (
     paste_boxes,
     upsample,
 )
-from geoprn.models.checkpoint import DEFAULT_BASE, file_sha256, load_model
+from geoprn.models.checkpoint import DEFAULT_BASE, file_sha256, load_cached, load_model
 from geoprn.train import train_bpr
 from tests.conftest import SHARED_DATA, config_from
 
@@ -221,3 +222,21 @@ def test_bpr_alone_refines_the_base_model(mass_scene, models, tmp_path):
     )
     assert not np.array_equal(base, out) and np.isfinite(out).all()
     assert out.min() >= 0 and out.max() <= 1
+
+
+def test_bpr_on_a_probability_raster_sees_the_scene_image(mass_scene, models, tmp_path):
+    """--probs + BPR: what refine writes is BPR run window by window over the probabilities
+    and the scene's own pixels (predict_array, no blocks, no Dask)."""
+    options = {"use_prn": False, "bpr": models["bpr"], "use_bpr": True, "device": "cpu"}
+    refine(mass_scene, tmp_path / "a", base=models["base"], **options)
+    base = zarr.open_array(tmp_path / "a" / "mass.zarr" / "base", mode="r")[:]
+    with rasterio.open(mass_scene) as scene:
+        profile = {**scene.profile, "count": 1, "dtype": "float32", "nodata": None}
+        image = scene.read().astype(np.float32)
+    probs = tmp_path / "probs.tif"
+    with rasterio.open(probs, "w", **profile) as dst:
+        dst.write(base[None])
+    refine(mass_scene, tmp_path / "b", probs=probs, block_size=512, **options)
+    bpr = load_cached(str(models["bpr"]), file_sha256(models["bpr"]), "cpu")
+    expected = predict_array(BoundaryRefiner(bpr), np.concatenate([base[None], image]))
+    np.testing.assert_array_equal(refined(tmp_path / "b"), expected)
