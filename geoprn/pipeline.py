@@ -347,7 +347,7 @@ def refine(
         prn,
         probs,
         use_prn,
-        bpr if use_bpr else None,
+        bpr,
         use_bpr,
         bands,
         device,

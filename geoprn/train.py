@@ -869,6 +869,8 @@ def train_bpr(
     started = time.monotonic()
     out_path = Path(out_path)
     base_meta = read_header(base, "base")
+    if prn is not None:
+        read_header(prn, "prn")  # before any prediction is computed
     state = _open_state(out_path, resume, overwrite)
     device_ = resolve_device(device)
     train_pairs, val_pairs = _split(tiles, val_tiles, val_fraction, seed, config, state)

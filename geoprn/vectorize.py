@@ -21,7 +21,7 @@ from __future__ import annotations
 import hashlib
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import dask
@@ -72,10 +72,10 @@ class RoadNetwork:
 
 @dataclass
 class _Piece:
-    """A run of path pixels traced inside one block, in scene (row, col) coordinates.
+    """A run of path pixels traced inside one block: (n, 2) scene (row, col) coordinates.
 
     Each end is ``("node", key, row, col)``, ``("open", pixel, next_pixel)`` (the path goes on
-    in another block) or ``("ring",)`` for a closed loop; pixels are linear scene indices.
+    in another block; both as linear scene indices) or ``("ring",)`` for a closed loop.
     """
 
     pixels: np.ndarray
@@ -93,7 +93,8 @@ class _Edge:
     prob_sum: float
     prob_count: int
     npixels: int
-    length: float = field(default=0.0)
+    metric: shapely.LineString | None = None
+    """The simplified line in metres (see :func:`_metric_line`), once measured."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -531,7 +532,7 @@ def _clean(edges: list[_Edge], min_length: float) -> list[_Edge]:
                 degree[node] = degree.get(node, 0) + 1
 
     def keep(edge: _Edge) -> bool:
-        if edge.length >= min_length:
+        if edge.metric.length >= min_length:
             return True
         a, b = edge.nodes
         if a is None or a == b:
@@ -587,16 +588,15 @@ def _network(
     py, px = pixel_size
     edges = _assemble(pieces)
     for edge in edges:
-        edge.length = _metric_line(edge.coords, py, px, simplify_m).length
+        edge.metric = _metric_line(edge.coords, py, px, simplify_m)
     edges = _clean(edges, min_length_m)
     rows = []
     for edge in edges:
-        metric = _metric_line(edge.coords, py, px, simplify_m)
+        metric = edge.metric or _metric_line(edge.coords, py, px, simplify_m)  # merged: new
         xy = shapely.get_coordinates(metric) / [px, py] + 0.5  # (col, row) of pixel centres
         if _key(xy[-1]) < _key(xy[0]):
             xy = xy[::-1]
-        x = transform.c + transform.a * xy[:, 0] + transform.b * xy[:, 1]
-        y = transform.f + transform.d * xy[:, 0] + transform.e * xy[:, 1]
+        x, y = rasterio.transform.xy(transform, xy[:, 1], xy[:, 0], offset="ul")
         mean = edge.prob_sum / edge.prob_count if edge.prob_count else np.nan
         ident = hashlib.blake2b(
             np.round(xy[[0, -1]], 3).tobytes() + str(edge.npixels).encode(), digest_size=8

@@ -187,6 +187,10 @@ def test_train_bpr_command(val_crops, tmp_path):
     assert load_model(out).geoprn_meta["prn"] is None
     result = CliRunner().invoke(cli, [str(a) for a in args])
     assert result.exit_code == 1 and "exists; pass --resume" in result.output
+    wrong = ["train", "bpr", val_crops, "-o", tmp_path / "w.safetensors", "--prn", DEFAULT_BASE]
+    result = CliRunner().invoke(cli, [str(a) for a in wrong])
+    assert result.exit_code == 1 and "a prn one is needed" in result.output
+    assert not list(tmp_path.glob("w.safetensors*"))  # refused before any work or file
 
 
 def refined(outdir: Path, stem: str = "mass") -> np.ndarray:
