@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from geoprn.data import discover_pairs, load_tiles
-from geoprn.inference import predict_array, resolve_device
+from geoprn.inference import PRECISIONS, autocast_dtype, predict_array, resolve_device
 from geoprn.metrics import BoundaryCounts, Confusion, evaluate
 from geoprn.models.bpr import BoundaryRefiner
 from geoprn.models.checkpoint import (
@@ -68,7 +68,9 @@ def oracle(probs: np.ndarray, tile, patch: int) -> np.ndarray:
     return labels[:h, :w] > 0.5
 
 
-def timed_predictions(model, probs, tiles, batch_size, device) -> tuple[list, float, int]:
+def timed_predictions(
+    model, probs, tiles, batch_size, device, precision
+) -> tuple[list, float, int]:
     """A window-level refiner (BPR) run as ``refine`` runs it, on each tile's probabilities
     and image: predictions, seconds, boxes."""
     started, model.boxes_seen = time.perf_counter(), 0
@@ -80,6 +82,7 @@ def timed_predictions(model, probs, tiles, batch_size, device) -> tuple[list, fl
             64,
             batch_size,
             device,
+            precision,
         )
         for p, t in zip(probs, tiles, strict=True)
     ]
@@ -94,6 +97,7 @@ def main() -> None:
     parser.add_argument("--prn", default=str(DEFAULT_PRN))
     parser.add_argument("--bpr", default=str(DEFAULT_BPR), help="'none' leaves the BPR rows out")
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--precision", choices=PRECISIONS, default="auto", help="as refine's")
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument(
         "--cache",
@@ -107,7 +111,9 @@ def main() -> None:
     started = time.perf_counter()
 
     def base_probs(tiles):
-        return base_probabilities(tiles, args.cache, args.base, None, args.batch_size, device)
+        return base_probabilities(
+            tiles, args.cache, args.base, None, args.batch_size, device, args.precision
+        )
 
     val = load_tiles(split_tiles(args.dataset, "val"), bands, nodata)
     val_probs = base_probs(val)
@@ -118,7 +124,9 @@ def main() -> None:
     test = load_tiles(split_tiles(args.dataset, args.split), bands, nodata)
     probs = base_probs(test)
     names = [t.name for t in test]
-    refined = refined_probabilities(probs, names, args.cache, args.prn, args.batch_size, device)
+    refined = refined_probabilities(
+        probs, names, args.cache, args.prn, args.batch_size, device, args.precision
+    )
     patch = int(read_header(args.prn, "prn")["patch_size"])
     rows = {
         "base @ 0.5": scores([p > 0.5 for p in probs], test),
@@ -132,7 +140,9 @@ def main() -> None:
         meta = bpr.geoprn_meta
         for name, before in (("base + BPR", None), ("base + PRN + BPR", prn)):
             model = BoundaryRefiner(bpr, before, meta["box"], meta["input_size"], meta["nms_iou"])
-            preds, seconds, boxes = timed_predictions(model, probs, test, args.batch_size, device)
+            preds, seconds, boxes = timed_predictions(
+                model, probs, test, args.batch_size, device, args.precision
+            )
             rows[f"{name} @ 0.5"] = scores([r > 0.5 for r in preds], test)
             costs.append((name, seconds, boxes))
     rows[f"patch-optimal oracle (P = {patch})"] = scores(
@@ -140,7 +150,8 @@ def main() -> None:
     )
     print(
         f"{args.dataset} {args.split} split, {len(test)} tiles; base {Path(args.base).name}, "
-        f"PRN {Path(args.prn).name}, BPR {Path(args.bpr).name}; device {device}; "
+        f"PRN {Path(args.prn).name}, BPR {Path(args.bpr).name}; device {device}, "
+        f"{autocast_dtype(device, args.precision) or 'fp32'}; "
         f"{time.perf_counter() - started:.0f} s"
     )
     print("\n| | road IoU | mIoU | mBA |\n|---|---|---|---|")

@@ -1,15 +1,18 @@
 """Throughput of ``geoprn.refine`` beside the models' own limit, a hand-written loop and TorchGeo.
 
-Same scene, same weights (loaded once, as ``refine`` loads them: batch norms folded,
-channels-last), same device and batch size for every run:
+Same scene, same weights, same device and batch size for every run:
 
 (a) the limit: the forward passes alone (base, then PRN) over the windows that cover the scene
-    once at ``refine``'s overlap, inputs already in memory as tensors, no I/O;
+    once at ``refine``'s overlap, inputs already in memory as tensors, no I/O; the models run
+    as ``refine`` runs them (batch norms folded, channels-last, ``--precision``);
 (b) ``geoprn.refine`` end to end: reads, blending, halos, Zarr, COG mask, quicklook;
 (c) the loop a user writes by hand: rasterio windows of 512 one by one, no overlap, batch 1,
-    probabilities written to a GeoTIFF;
-(d) TorchGeo's GridGeoSampler + DataLoader, no overlap, the same GeoTIFF written, when
-    ``torchgeo`` is importable (an optional dependency of this benchmark only).
+    probabilities written to a GeoTIFF, the models as ``geoprn.models.checkpoint.load_model``
+    gives them (eval mode, fp32: what a user's own loop runs);
+(d) TorchGeo's GridGeoSampler + DataLoader, no overlap, the same GeoTIFF written, the models
+    as in (c), when ``torchgeo`` is importable (an optional dependency of this benchmark only);
+(e) the loop of (c) with the models run as ``refine`` runs them: the difference between (b)
+    and (e) is the pipeline's alone (overlap, halos, blending, I/O), not the arithmetic's.
 
 Each prints seconds, scene tiles/s (the scene's area in 512 x 512 tiles over the seconds, so
 rates compare whatever each run computes), km²/h at the scene's resolution, and the ratios of
@@ -24,7 +27,7 @@ dependency of geoprn: install it beside it (``pip install torchgeo``) to time (d
 
     python benchmarks/throughput.py                       # base + PRN, one tile, CPU
     python benchmarks/throughput.py --tiles 4 --no-prn    # base only, 6000 x 6000 px
-    python benchmarks/throughput.py SCENE.tif --device cuda --batch-size 32 --skip c,d
+    python benchmarks/throughput.py SCENE.tif --device cuda --batch-size 32 --skip c,d,e
 """
 
 from __future__ import annotations
@@ -47,12 +50,13 @@ from rasterio.windows import Window, from_bounds
 sys.path.insert(0, str(Path(__file__).parent))
 from memory import build_mosaic  # noqa: E402
 
-from geoprn.inference import fast_math, resolve_device  # noqa: E402
+from geoprn.inference import PRECISIONS, autocast_dtype, fast_math, resolve_device  # noqa: E402
 from geoprn.models.checkpoint import (  # noqa: E402
     DEFAULT_BASE,
     DEFAULT_PRN,
     file_sha256,
     load_cached,
+    load_model,
     read_header,
 )
 from geoprn.pipeline import refine  # noqa: E402  (imported before any timing)
@@ -63,13 +67,22 @@ TILE = 512
 Predict = Callable[[torch.Tensor], torch.Tensor]
 
 
-def load_predict(base: Path, prn: Path | None, device: torch.device) -> Predict:
-    """Base model then PRN, as ``refine`` loads and runs them; (N, C, H, W) in, probs out."""
-    models = [load_cached(str(p), file_sha256(p), str(device)) for p in (base, prn) if p]
+def load_predict(
+    base: Path, prn: Path | None, device: torch.device, precision: str | None
+) -> Predict:
+    """Base model then PRN; (N, C, H, W) in, probs out. With a ``precision``, loaded and run as
+    ``refine`` runs them; with None, as ``load_model`` gives them, in fp32."""
+    paths = [p for p in (base, prn) if p]
+    if precision is None:
+        models = [load_model(p, device=device) for p in paths]
+        layout, precision = torch.contiguous_format, "fp32"
+    else:
+        models = [load_cached(str(p), file_sha256(p), str(device)) for p in paths]
+        layout = torch.channels_last
 
     def predict(x: torch.Tensor) -> torch.Tensor:
-        with torch.inference_mode(), fast_math(device):
-            x = x.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+        with torch.inference_mode(), fast_math(device, precision):
+            x = x.to(device, non_blocking=True).contiguous(memory_format=layout)
             for model in models:
                 x = model(x)
             return x[:, 0].float().cpu()
@@ -193,6 +206,7 @@ def main() -> None:
     parser.add_argument("--tiles", type=int, default=1, help="tiles per side of that mosaic")
     parser.add_argument("--no-prn", action="store_true", help="base model only")
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--precision", choices=PRECISIONS, default="auto", help="refine's")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--block-size", type=int, help="refine's (default: refine's default)")
     parser.add_argument("--overlap", type=int, default=64)
@@ -212,7 +226,8 @@ def main() -> None:
     prn = None if args.no_prn else DEFAULT_PRN
     bands = read_header(DEFAULT_BASE, "base")["bands"]
     stages = 1 if prn is None else 2
-    predict = load_predict(DEFAULT_BASE, prn, device)
+    predict = load_predict(DEFAULT_BASE, prn, device, args.precision)
+    user_predict = load_predict(DEFAULT_BASE, prn, device, None)
 
     grid = len(window_origins(info.height, TILE, args.overlap)) * len(
         window_origins(info.width, TILE, args.overlap)
@@ -230,6 +245,7 @@ def main() -> None:
         workdir / "refine",
         use_prn=prn is not None,
         device=args.device,
+        precision=args.precision,
         batch_size=args.batch_size,
         overlap=args.overlap,
         threads=args.threads,
@@ -240,23 +256,27 @@ def main() -> None:
     block_size = record.inputs["block_size"]
     runs["(b) geoprn.refine"] = (time.perf_counter() - started, record.windows)
     if "c" not in args.skip:
-        seconds, count = run_naive(info, bands, predict, workdir / "naive.tif")
+        seconds, count = run_naive(info, bands, user_predict, workdir / "naive.tif")
         runs["(c) rasterio loop, batch 1"] = (seconds, count * stages)
     skipped = None
     if "d" not in args.skip:
         try:
             seconds, count = run_torchgeo(
-                info, bands, predict, workdir / "torchgeo.tif", args.batch_size, args.workers
+                info, bands, user_predict, workdir / "torchgeo.tif", args.batch_size, args.workers
             )
             runs["(d) TorchGeo GridGeoSampler"] = (seconds, count * stages)
         except ImportError as exc:
             skipped = f"(d) skipped: torchgeo is not importable ({exc})"
+    if "e" not in args.skip:
+        seconds, count = run_naive(info, bands, predict, workdir / "naive.tif")
+        runs["(e) loop of (c), refine's model settings"] = (seconds, count * stages)
 
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     print(
         f"scene {scene.name} {info.width}x{info.height} px at {info.gsd:.2f} m ({km2:.2f} km², "
         f"{scene_tiles:.1f} tiles of 512²); {'base + PRN' if prn else 'base only'}; device "
-        f"{name}, {torch.get_num_threads()} torch threads; batch {args.batch_size}; overlap "
+        f"{name}, {torch.get_num_threads()} torch threads; precision {args.precision} "
+        f"({autocast_dtype(device, args.precision) or 'fp32'}); batch {args.batch_size}; overlap "
         f"{args.overlap}; block size {block_size}"
     )
     print(

@@ -37,12 +37,42 @@ def resolve_device(device: str) -> torch.device:
     return resolved
 
 
-def fast_math(device: torch.device):
-    """bf16 autocast on a CUDA GPU (2.8x PRN's fp32 speed on an H100 with channels-last
-    tensors, ``benchmarks/model_speed.py``); full precision on the CPU."""
+PRECISIONS = ("auto", "fp32", "bf16")
+"""``refine``'s ``--precision`` choices (see :func:`autocast_dtype`)."""
+
+
+def native_bf16(device: torch.device) -> bool:
+    """Whether ``device`` computes bf16 in hardware: a CUDA GPU that supports it, or a CPU
+    with AVX512-BF16 or AMX (where oneDNN runs bf16 convolutions natively)."""
     if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+        return torch.cuda.is_bf16_supported()
+    cpu = torch.cpu
+    return any(
+        getattr(cpu, probe, lambda: False)()
+        for probe in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    )
+
+
+def autocast_dtype(device: torch.device, precision: str = "auto") -> torch.dtype | None:
+    """The dtype the models run in, None for fp32.
+
+    ``auto`` is bf16 where the device computes it natively (2.8x PRN's fp32 speed on an H100
+    with channels-last tensors, 2.2x on 2 AVX512-BF16 CPU cores, ``benchmarks/model_speed.py``)
+    and fp32 elsewhere, where emulated bf16 would be slower.
+    """
+    if precision not in PRECISIONS:
+        raise InputError(f"unknown precision '{precision}' (use {', '.join(PRECISIONS)})")
+    if precision == "bf16" or (precision == "auto" and native_bf16(device)):
+        return torch.bfloat16
+    return None
+
+
+def fast_math(device: torch.device, precision: str = "auto"):
+    """The autocast context of :func:`autocast_dtype` (a no-op for fp32)."""
+    dtype = autocast_dtype(device, precision)
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
 
 
 def predict_region(
@@ -55,22 +85,35 @@ def predict_region(
     overlap: int,
     batch_size: int,
     device: torch.device,
+    precision: str = "auto",
+    valid: np.ndarray | None = None,
 ) -> tuple[np.ndarray, int]:
     """Run ``model`` on every grid window touching ``out_region`` and blend them.
+
+    A window holding no valid pixel is skipped: it would only add to pixels that are nodata,
+    so the valid pixels' values are those of the full blend, bit for bit.
 
     Args:
         model: maps (N, C, tile, tile) float32 to (N, 1, tile, tile) probabilities.
         source: (C, H, W) input covering ``source_region`` (which covers every window used).
         source_region, out_region: (rows, cols) ranges in scene coordinates.
         origins: the scene-wide window grid (row origins, column origins).
+        precision: see :func:`autocast_dtype`.
+        valid: (H, W) bool over ``source_region``, False at nodata; None: all valid.
 
     Returns:
-        The blended (H_out, W_out) float32 probabilities and the number of windows run.
+        The blended (H_out, W_out) float32 probabilities (meaningless where no window ran:
+        mask nodata afterwards) and the number of windows run.
     """
     (sy0, _), (sx0, _) = source_region
     (oy0, oy1), (ox0, ox1) = out_region
     rows, cols = (touching(o, span, tile) for o, span in zip(origins, out_region, strict=True))
-    windows = [(int(y), int(x)) for y in rows for x in cols]
+    windows = [
+        (int(y), int(x))
+        for y in rows
+        for x in cols
+        if valid is None or valid[y - sy0 : y - sy0 + tile, x - sx0 : x - sx0 + tile].any()
+    ]
     weights = blend_weights(tile, overlap)
     total = np.zeros((oy1 - oy0, ox1 - ox0), np.float32)
     for start in range(0, len(windows), batch_size):
@@ -78,7 +121,7 @@ def predict_region(
         tiles = np.stack(
             [source[:, y - sy0 : y - sy0 + tile, x - sx0 : x - sx0 + tile] for y, x in batch]
         )
-        with torch.inference_mode(), fast_math(device):
+        with torch.inference_mode(), fast_math(device, precision):
             x = torch.from_numpy(tiles.astype(np.float32)).to(device, non_blocking=True)
             probs = model(x.contiguous(memory_format=torch.channels_last))
         probs = probs[:, 0].float().cpu().numpy()
@@ -99,16 +142,21 @@ def predict_array(
     overlap: int = 64,
     batch_size: int = 8,
     device: torch.device | str = "cpu",
+    precision: str = "auto",
+    valid: np.ndarray | None = None,
 ) -> np.ndarray:
     """Blended ``model`` probabilities over a whole (C, H, W) array, reflect-padded at its edges.
 
-    The result is what ``refine`` gives for a scene holding exactly this array.
+    The result is what ``refine`` gives for a scene holding exactly this array. With ``valid``
+    ((H, W) bool, False at nodata), windows without a valid pixel are skipped as ``refine``
+    skips them: the valid pixels' values do not change.
     """
     h, w = image.shape[-2:]
     origins = (window_origins(h, tile, overlap), window_origins(w, tile, overlap))
     rows, cols = cover(origins[0], (0, h), tile), cover(origins[1], (0, w), tile)
     grid = np.ix_(reflect_index(np.arange(*rows), h), reflect_index(np.arange(*cols), w))
     source = image[(slice(None), *grid)]
+    padded_valid = None if valid is None else valid[grid]
     probs, _ = predict_region(
         model,
         source,
@@ -119,5 +167,7 @@ def predict_array(
         overlap,
         batch_size,
         torch.device(device),
+        precision,
+        padded_valid,
     )
     return probs

@@ -29,7 +29,7 @@ from dask.callbacks import Callback
 
 from geoprn import store
 from geoprn.errors import GeoprnWarning, InputError, SchedulerError
-from geoprn.inference import predict_region, resolve_device
+from geoprn.inference import autocast_dtype, predict_region, resolve_device
 from geoprn.models.bpr import BoundaryRefiner
 from geoprn.models.checkpoint import (
     DEFAULT_BASE,
@@ -85,6 +85,7 @@ class RefineJob:
     device: str
     grid: WorkGrid
     bpr: ModelRef | None = None
+    precision: str = "auto"
 
     @property
     def stages(self) -> list[tuple[str, list[ModelRef]]]:
@@ -162,10 +163,10 @@ def predict_stages(job: RefineJob, rows: Range, cols: Range) -> tuple[dict[str, 
         job.stages, regions[:-1], regions[1:], strict=True
     ):
         model = stage_model(refs, str(device))
+        (sy0, sy1), (sx0, sx1) = src_region
+        inside = np.s_[sy0 - ry0 : sy1 - ry0, sx0 - rx0 : sx1 - rx0]
         if isinstance(model, BoundaryRefiner):  # BPR sees the image beside the probabilities
-            (sy0, sy1), (sx0, sx1) = src_region
-            crop = image[:, sy0 - ry0 : sy1 - ry0, sx0 - rx0 : sx1 - rx0].astype(np.float32)
-            source = np.concatenate([source, crop])
+            source = np.concatenate([source, image[(slice(None), *inside)].astype(np.float32)])
         probs, count = predict_region(
             model,
             source,
@@ -176,6 +177,8 @@ def predict_stages(job: RefineJob, rows: Range, cols: Range) -> tuple[dict[str, 
             job.overlap,
             job.batch_size,
             device,
+            job.precision,
+            valid[inside],
         )
         windows += count
         (oy0, oy1), (ox0, ox1) = out_region
@@ -292,6 +295,7 @@ def refine(
     use_bpr: bool = False,
     bands: list[int] | None = None,
     device: str = "auto",
+    precision: str = "auto",
     batch_size: int = 8,
     block_size: int = DEFAULT_BLOCK_SIZE,
     overlap: int = 64,
@@ -319,6 +323,8 @@ def refine(
         use_bpr: run BPR on each window after PRN (or after the base model without PRN).
         bands: 1-based scene bands to feed the base model (default: the checkpoint's).
         device: ``auto``, ``cpu`` or ``cuda[:N]``; resolved on each worker.
+        precision: ``auto`` (bf16 where the device computes it natively), ``fp32`` or
+            ``bf16``; see :func:`geoprn.inference.autocast_dtype`.
         batch_size: windows per forward pass.
         block_size: pixels per block side, a multiple of 512; does not change the result.
         overlap: pixels shared by neighbouring 512 windows, blended linearly.
@@ -351,6 +357,7 @@ def refine(
         use_bpr,
         bands,
         device,
+        precision,
         batch_size,
         overlap,
         resample,
@@ -437,6 +444,7 @@ def _plan(
     use_bpr: bool,
     bands: list[int] | None,
     device: str,
+    precision: str,
     batch_size: int,
     overlap: int,
     resample: str,
@@ -480,7 +488,7 @@ def _plan(
         raise InputError(f"--overlap must be even and below {tile // 2}")
     if batch_size < 1:
         raise InputError("--batch-size must be at least 1")
-    resolve_device(device)  # fail early on a bad device string, workers resolve it again
+    autocast_dtype(resolve_device(device), precision)  # fail early; workers resolve it again
     stem = Path(info.path).stem
     return RefineJob(
         info,
@@ -495,6 +503,7 @@ def _plan(
         device,
         WorkGrid.choose(info, gsd, resample),
         bpr_ref,
+        precision,
     )
 
 
@@ -558,4 +567,5 @@ def _signature(job: RefineJob, block_size: int, threshold: float, zarr_format: i
         "threshold": threshold,
         "zarr_format": zarr_format,
         "resample_factor": job.grid.factor,
+        "precision": job.precision,
     }

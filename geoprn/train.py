@@ -35,7 +35,7 @@ from geoprn.data import (
     load_tiles,
 )
 from geoprn.errors import CheckpointError, InputError, OutputError
-from geoprn.inference import predict_array, resolve_device
+from geoprn.inference import autocast_dtype, predict_array, resolve_device
 from geoprn.losses import base_loss, masked_bce, prn_loss
 from geoprn.metrics import Confusion, confusion
 from geoprn.models.base import build_base
@@ -605,13 +605,15 @@ def base_probabilities(
     probs_dir: str | Path | None = None,
     batch_size: int = 8,
     device: torch.device | str = "cpu",
+    precision: str = "auto",
 ) -> list[np.ndarray]:
     """The base model's road probabilities on each tile, computed once and cached in Zarr.
 
     With ``base``, each tile is predicted as ``refine`` would predict a scene holding it
     (overlapping 512 windows, blended). With ``probs_dir``, the probabilities of any other
     model are read from ``<probs_dir>/<tile stem>.<ext>`` (float in [0, 1] or uint8 0-255).
-    The cache remembers its source: a different base checkpoint starts it afresh.
+    The cache remembers its source: a different base checkpoint (or precision, see
+    :func:`geoprn.inference.autocast_dtype`) starts it afresh.
 
     Returns:
         One (H, W) float32 array per tile.
@@ -621,23 +623,35 @@ def base_probabilities(
     """
     import zarr  # only PRN training needs it
 
-    source = file_sha256(base) if base is not None else str(Path(probs_dir).resolve())
+    if base is not None:
+        source = file_sha256(base) + _dtype_tag(device, precision)
+    else:
+        source = str(Path(probs_dir).resolve())
     group = zarr.open_group(str(cache), mode="a")
     if group.attrs.get("source") != source:
         group = zarr.open_group(str(cache), mode="w")
         group.attrs["source"] = source
     if base is not None:
         read_header(base, "base")
-        model = load_cached(str(Path(base).resolve()), source, str(device))  # as refine runs it
+        model = load_cached(str(Path(base).resolve()), file_sha256(base), str(device))
 
     def compute(tile: LabelledTile) -> np.ndarray:
         if base is not None:
-            return predict_array(model, tile.image, batch_size=batch_size, device=device)
+            return predict_array(
+                model, tile.image, batch_size=batch_size, device=device, precision=precision
+            )
         return _read_probability_raster(Path(probs_dir), tile)
 
     return [
         _cached(group, f"{PROBS_GROUP}/{tile.name}", lambda t=tile: compute(t)) for tile in tiles
     ]
+
+
+def _dtype_tag(device: torch.device | str, precision: str) -> str:
+    """'' for fp32 inference on ``device``, else '_' and the autocast dtype ('_bfloat16'), so
+    that caches written in fp32 keep their keys."""
+    dtype = autocast_dtype(torch.device(device), precision)
+    return "" if dtype is None else "_" + str(dtype).removeprefix("torch.")
 
 
 def _cached(group, key: str, compute: Callable[[], np.ndarray]) -> np.ndarray:
@@ -656,6 +670,7 @@ def refined_probabilities(
     prn: str | Path,
     batch_size: int = 8,
     device: torch.device | str = "cpu",
+    precision: str = "auto",
 ) -> list[np.ndarray]:
     """A PRN's probabilities on tiles, from their base probabilities, cached in the Zarr group
     of :func:`base_probabilities` (a different PRN file gets its own entries).
@@ -672,8 +687,8 @@ def refined_probabilities(
     return [
         _cached(
             group,
-            f"refined_{sha[:16]}/{name}",
-            lambda p=probs: predict_array(model, p[None], batch_size=batch_size, device=device),
+            f"refined_{sha[:16]}{_dtype_tag(device, precision)}/{name}",
+            lambda p=probs: predict_array(model, p[None], 512, 64, batch_size, device, precision),
         )
         for probs, name in zip(base_probs, names, strict=True)
     ]

@@ -19,6 +19,7 @@ import zarr
 
 from geoprn import refine
 from geoprn.errors import InputError, OutputError, SchedulerError
+from geoprn.inference import predict_array
 from geoprn.models.checkpoint import load_cached
 from tests.conftest import SHARED_DATA, massachusetts_pixels, write_raster
 
@@ -193,6 +194,27 @@ def test_nodata_is_nan_masked_and_empty_blocks_are_skipped(tmp_path, models):
     nodata = (pixels == 0).all(axis=0)
     assert np.isnan(refined[nodata]).all() and np.isfinite(refined[~nodata]).all()
     assert (m[nodata] == 255).all() and (m[~nodata] <= 1).all()
+
+
+def test_windows_without_valid_pixels_are_skipped_and_change_no_valid_pixel(
+    reference, models, tmp_path
+):
+    pixels = massachusetts_pixels(900, 1100)
+    valid = np.ones((900, 1100), bool)
+    valid[:, :700] = False  # a nodata band wider than a window and its overlaps
+    valid[850:, 1000:] = False  # a corner no window holds entirely
+    model = load_cached(str(models["base"]), "test", "cpu")
+    every, some = (predict_array(model, pixels, valid=v) for v in (None, valid))
+    np.testing.assert_array_equal(every[valid], some[valid])
+    assert not np.array_equal(every[~valid], some[~valid])  # windows were left out
+    # refine skips them too: the reference ran the same grid on the whole scene
+    pixels[:, ~valid] = 0
+    scene = write_raster(tmp_path / f"{STEM}.tif", pixels, nodata=0)
+    out = tmp_path / "out"
+    record = refine(scene, out, base=models["base"], prn=models["prn"], block_size=1024)
+    full = json.loads((reference / f"{STEM}_run.json").read_text())["windows"]
+    assert 0 < record.windows < full
+    assert np.isnan(read(out, "refined")[~valid]).all()
 
 
 def test_all_nodata_scene_is_an_error_and_leaves_nothing(tmp_path, models):

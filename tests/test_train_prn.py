@@ -16,7 +16,7 @@ from click.testing import CliRunner
 from geoprn.cli.main import cli
 from geoprn.data import RandomCrops, discover_pairs, load_tiles
 from geoprn.errors import InputError
-from geoprn.inference import predict_array
+from geoprn.inference import autocast_dtype, predict_array
 from geoprn.losses import prn_loss
 from geoprn.models.checkpoint import DEFAULT_BASE, file_sha256, load_cached, load_model
 from geoprn.models.prn import PatchRefineNet
@@ -84,7 +84,8 @@ def test_checkpoint_records_its_base_and_split(run):
 
 def test_cache_holds_what_refine_computes(run, val_crops):
     cache = zarr.open_group(run["checkpoint"] + ".cache.zarr", mode="r")
-    assert cache.attrs["source"] == file_sha256(DEFAULT_BASE)
+    bf16 = autocast_dtype(torch.device("cpu")) == torch.bfloat16  # the cache keys its precision
+    assert cache.attrs["source"] == file_sha256(DEFAULT_BASE) + ("_bfloat16" if bf16 else "")
     tile = load_tiles(discover_pairs([val_crops]), [1, 2, 3], 255)[0]
     model = load_cached(str(DEFAULT_BASE.resolve()), file_sha256(DEFAULT_BASE), "cpu")
     expected = predict_array(model, tile.image)  # the model as refine runs it

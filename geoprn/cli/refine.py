@@ -8,6 +8,7 @@ import click
 from tqdm import tqdm
 
 from geoprn.cli.vectorize import vector_options
+from geoprn.inference import PRECISIONS
 from geoprn.tiling import DEFAULT_BLOCK_SIZE
 
 if TYPE_CHECKING:
@@ -59,6 +60,14 @@ def _bands(ctx: click.Context, param: click.Parameter, value: str | None) -> lis
 @click.option("--no-prn", is_flag=True, help="Leave PRN out of --refiner (base model only).")
 @click.option("--bands", callback=_bands, help="Scene bands to feed the base model, e.g. 3,2,1.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda[:N].")
+@click.option(
+    "--precision",
+    type=click.Choice(PRECISIONS),
+    default="auto",
+    show_default=True,
+    help="Model arithmetic: auto is bf16 where the device computes it natively (recent GPUs, "
+    "CPUs with AVX512-BF16 or AMX), else fp32.",
+)
 @click.option("--batch-size", default=8, show_default=True, help="Windows per forward pass.")
 @click.option(
     "--block-size",
@@ -113,6 +122,7 @@ def refine(
     no_prn,
     bands,
     device,
+    precision,
     batch_size,
     block_size,
     overlap,
@@ -157,6 +167,7 @@ def refine(
             use_bpr="bpr" in refiner,
             bands=bands,
             device=device,
+            precision=precision,
             batch_size=batch_size,
             block_size=block_size,
             overlap=overlap,
