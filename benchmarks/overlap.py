@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from prn_accuracy import scores, split_tiles  # noqa: E402
 
 from geoprn.data import load_tiles  # noqa: E402
-from geoprn.inference import PRECISIONS, predict_array, resolve_device  # noqa: E402
+from geoprn.inference import PRECISIONS, predict_array, resolve_device, windows_run  # noqa: E402
 from geoprn.models.checkpoint import (  # noqa: E402
     DEFAULT_BASE,
     DEFAULT_PRN,
@@ -38,7 +38,8 @@ from geoprn.models.checkpoint import (  # noqa: E402
     load_cached,
     read_header,
 )
-from geoprn.tiling import DEFAULT_BLOCK_SIZE, block_grid, window_origins, windows_run  # noqa: E402
+from geoprn.pipeline import SHARED_WINDOWS  # noqa: E402
+from geoprn.tiling import DEFAULT_BLOCK_SIZE, block_grid, window_origins  # noqa: E402
 
 TILE = 512
 SCENE = 100_000
@@ -80,10 +81,12 @@ def seam_index(maps: list[np.ndarray], tiles, overlap: int) -> float:
 
 
 def work_factor(overlap: int, block_size: int) -> float:
-    """Windows both stages run on a SCENE px square scene over its 512 x 512 tiles."""
+    """Windows both stages run on a SCENE px square scene over its 512 x 512 tiles, blocks run
+    one after another sharing windows as ``refine`` does on the local scheduler."""
     origins = window_origins(SCENE, TILE, overlap)
-    blocks = block_grid(SCENE, SCENE, block_size)
-    return windows_run((origins, origins), blocks, TILE, 2) / (2 * (SCENE / TILE) ** 2)
+    blocks = block_grid(SCENE, SCENE, block_size)[::-1]
+    runs = windows_run((origins, origins), blocks, TILE, 2, SHARED_WINDOWS.max_bytes)
+    return sum(runs) / (2 * (SCENE / TILE) ** 2)
 
 
 def main() -> None:

@@ -50,7 +50,13 @@ from rasterio.windows import Window, from_bounds
 sys.path.insert(0, str(Path(__file__).parent))
 from memory import build_mosaic  # noqa: E402
 
-from geoprn.inference import PRECISIONS, autocast_dtype, fast_math, resolve_device  # noqa: E402
+from geoprn.inference import (  # noqa: E402
+    PRECISIONS,
+    autocast_dtype,
+    fast_math,
+    resolve_device,
+    windows_run,
+)
 from geoprn.models.checkpoint import (  # noqa: E402
     DEFAULT_BASE,
     DEFAULT_PRN,
@@ -59,9 +65,9 @@ from geoprn.models.checkpoint import (  # noqa: E402
     load_model,
     read_header,
 )
-from geoprn.pipeline import refine  # noqa: E402  (imported before any timing)
+from geoprn.pipeline import SHARED_WINDOWS, refine  # noqa: E402  (imported before timing)
 from geoprn.raster import SceneInfo, open_scene, read_region  # noqa: E402
-from geoprn.tiling import block_grid, window_origins, windows_run  # noqa: E402
+from geoprn.tiling import block_grid, window_origins  # noqa: E402
 
 TILE = 512
 Predict = Callable[[torch.Tensor], torch.Tensor]
@@ -191,13 +197,12 @@ def run_torchgeo(
 def recompute_factors(
     height: int, width: int, tile: int, overlap: int, block_size: int, stages: int
 ) -> list[float]:
-    """Per stage, the windows ``refine`` runs over those covering the scene once."""
+    """Per stage, the windows ``refine`` runs over those covering the scene once, its blocks
+    run one after another on the local scheduler with its cache of shared windows."""
     origins = (window_origins(height, tile, overlap), window_origins(width, tile, overlap))
-    blocks = block_grid(height, width, block_size)
-    runs = [windows_run(origins, blocks, tile, k) for k in range(stages + 1)]
-    once = len(origins[0]) * len(origins[1])
-    # the last stage's windows are those of a one-stage run; each earlier stage adds a ring
-    return [(runs[stages - k] - runs[stages - k - 1]) / once for k in range(stages)]
+    blocks = block_grid(height, width, block_size)[::-1]  # the local scheduler's order
+    runs = windows_run(origins, blocks, tile, stages, SHARED_WINDOWS.max_bytes)
+    return [run / (len(origins[0]) * len(origins[1])) for run in runs]
 
 
 def main() -> None:

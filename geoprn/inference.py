@@ -8,6 +8,10 @@ would compute for it.
 from __future__ import annotations
 
 import contextlib
+import threading
+from collections import OrderedDict
+from collections.abc import Hashable
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -15,12 +19,15 @@ import torch
 from geoprn.errors import InputError
 from geoprn.raster import reflect_index
 from geoprn.tiling import (
+    Block,
     Range,
     blend_weights,
     cover,
+    stage_regions,
     touching,
     weight_sums,
     window_origins,
+    window_uses,
 )
 
 
@@ -75,6 +82,115 @@ def fast_math(device: torch.device, precision: str = "auto"):
     return torch.autocast(device.type, dtype=dtype)
 
 
+class WindowCache:
+    """Window outputs that several blocks run (their halos overlap), kept for the blocks still
+    to come so each is computed once.
+
+    Thread-safe. An entry goes after its last use; when more than ``max_bytes`` would be held
+    (blocks spread over processes, or run out of order), the oldest go first and a later block
+    recomputes them, to the same values.
+    """
+
+    def __init__(self, max_bytes: int = 1 << 30):
+        self.max_bytes = max_bytes
+        self._entries: OrderedDict[Hashable, list] = OrderedDict()  # key -> [values, uses left]
+        self._bytes = 0
+        self._lock = threading.Lock()
+
+    def take(self, key: Hashable) -> np.ndarray | None:
+        """The values kept under ``key`` (one use of them), or None."""
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is None:
+                return None
+            entry[1] -= 1
+            if entry[1] == 0:
+                del self._entries[key]
+                self._bytes -= entry[0].nbytes
+            return entry[0]
+
+    def keep(self, key: Hashable, values: np.ndarray, uses: int) -> None:
+        """Keep ``values`` for ``uses`` more uses."""
+        with self._lock:
+            if uses < 1 or key in self._entries or values.nbytes > self.max_bytes:
+                return
+            self._entries[key] = [values.copy(), uses]
+            self._bytes += values.nbytes
+            while self._bytes > self.max_bytes:
+                old, _ = self._entries.popitem(last=False)[1]
+                self._bytes -= old.nbytes
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
+@dataclass(frozen=True)
+class SharedWindows:
+    """The windows of one stage of one job that other blocks run too.
+
+    ``uses`` is :func:`geoprn.tiling.window_uses` along (rows, columns): window (y, x) is run
+    by ``uses[0][y] * uses[1][x]`` blocks, whose origins are the keys.
+    """
+
+    cache: WindowCache
+    stage: Hashable
+    uses: tuple[dict[int, int], dict[int, int]]
+
+    @classmethod
+    def chain(
+        cls,
+        cache: WindowCache,
+        key: Hashable,
+        origins: tuple[np.ndarray, np.ndarray],
+        spans: tuple[list[Range], list[Range]],
+        tile: int,
+        stages: int,
+    ) -> list[SharedWindows]:
+        """One per stage of a chain of ``stages`` models run by blocks whose row and column
+        ranges are ``spans``; ``key`` tells this chain's windows from any other's."""
+        uses = [
+            [
+                dict(zip(o.tolist(), u.tolist(), strict=True))
+                for u in window_uses(o, s, tile, stages)
+            ]
+            for o, s in zip(origins, spans, strict=True)
+        ]
+        return [cls(cache, (key, k), (uses[0][k], uses[1][k])) for k in range(stages)]
+
+    def take(self, y: int, x: int) -> np.ndarray | None:
+        return self.cache.take((self.stage, y, x))
+
+    def keep(self, y: int, x: int, values: np.ndarray) -> None:
+        self.cache.keep((self.stage, y, x), values, self.uses[0][y] * self.uses[1][x] - 1)
+
+
+def windows_run(
+    origins: tuple[np.ndarray, np.ndarray],
+    blocks: list[Block],
+    tile: int,
+    stages: int,
+    cache_bytes: int = 0,
+) -> list[int]:
+    """How many windows ``blocks`` run in each stage, one after another in the order given in
+    one process whose :class:`WindowCache` holds ``cache_bytes`` (0: every block runs its whole
+    halo). Counted, no model is run: a window is kept as 4 bytes, the budget scaled to match.
+    """
+    spans = (sorted({b.rows for b in blocks}), sorted({b.cols for b in blocks}))
+    marker = np.zeros(1, np.float32)
+    cache = WindowCache(cache_bytes // (4 * tile * tile) * marker.nbytes)
+    shared = SharedWindows.chain(cache, "count", origins, spans, tile, stages)
+    run = [0] * stages
+    for block in blocks:
+        regions = stage_regions(origins, block.rows, block.cols, tile, stages)[1:]
+        for k, (stage, (rows, cols)) in enumerate(zip(shared, regions, strict=True)):
+            for y in touching(origins[0], rows, tile).tolist():
+                for x in touching(origins[1], cols, tile).tolist():
+                    if stage.take(y, x) is None:
+                        run[k] += 1
+                        stage.keep(y, x, marker)
+    return run
+
+
 def predict_region(
     model: torch.nn.Module,
     source: np.ndarray,
@@ -87,11 +203,15 @@ def predict_region(
     device: torch.device,
     precision: str = "auto",
     valid: np.ndarray | None = None,
+    shared: SharedWindows | None = None,
 ) -> tuple[np.ndarray, int]:
     """Run ``model`` on every grid window touching ``out_region`` and blend them.
 
     A window holding no valid pixel is skipped: it would only add to pixels that are nodata,
-    so the valid pixels' values are those of the full blend, bit for bit.
+    so the valid pixels' values are those of the full blend, bit for bit. With ``shared``,
+    windows another block has run are taken from its cache and those others will run are
+    kept there; windows are blended in grid order either way, so the sum is the same, bit for
+    bit.
 
     Args:
         model: maps (N, C, tile, tile) float32 to (N, 1, tile, tile) probabilities.
@@ -100,6 +220,7 @@ def predict_region(
         origins: the scene-wide window grid (row origins, column origins).
         precision: see :func:`autocast_dtype`.
         valid: (H, W) bool over ``source_region``, False at nodata; None: all valid.
+        shared: the cache of windows shared with other blocks; None: run every window.
 
     Returns:
         The blended (H_out, W_out) float32 probabilities (meaningless where no window ran:
@@ -108,31 +229,46 @@ def predict_region(
     (sy0, _), (sx0, _) = source_region
     (oy0, oy1), (ox0, ox1) = out_region
     rows, cols = (touching(o, span, tile) for o, span in zip(origins, out_region, strict=True))
-    windows = [
-        (int(y), int(x))
-        for y in rows
-        for x in cols
-        if valid is None or valid[y - sy0 : y - sy0 + tile, x - sx0 : x - sx0 + tile].any()
-    ]
     weights = blend_weights(tile, overlap)
     total = np.zeros((oy1 - oy0, ox1 - ox0), np.float32)
-    for start in range(0, len(windows), batch_size):
-        batch = windows[start : start + batch_size]
-        tiles = np.stack(
-            [source[:, y - sy0 : y - sy0 + tile, x - sx0 : x - sx0 + tile] for y, x in batch]
-        )
-        with torch.inference_mode(), fast_math(device, precision):
-            x = torch.from_numpy(tiles.astype(np.float32)).to(device, non_blocking=True)
-            probs = model(x.contiguous(memory_format=torch.channels_last))
-        probs = probs[:, 0].float().cpu().numpy()
-        for (y, x), prob in zip(batch, probs, strict=True):
+    queue: list[tuple[int, int, np.ndarray | None]] = []  # in grid order; None: to be run
+    run = 0
+
+    def window(array: np.ndarray, y: int, x: int) -> np.ndarray:
+        return array[..., y - sy0 : y - sy0 + tile, x - sx0 : x - sx0 + tile]
+
+    def flush() -> None:
+        """Run the queued windows that need it in one batch, then blend the queue in order."""
+        batch = [(y, x) for y, x, prob in queue if prob is None]
+        if batch:
+            tiles = np.stack([window(source, y, x) for y, x in batch])
+            with torch.inference_mode(), fast_math(device, precision):
+                x = torch.from_numpy(tiles.astype(np.float32)).to(device, non_blocking=True)
+                probs = model(x.contiguous(memory_format=torch.channels_last))
+            computed = iter(probs[:, 0].float().cpu().numpy())
+        for y, x, prob in queue:
+            if prob is None:
+                prob = next(computed)
+                if shared is not None:
+                    shared.keep(y, x, prob)
             ya, yb, xa, xb = max(y, oy0), min(y + tile, oy1), max(x, ox0), min(x + tile, ox1)
             inside = np.s_[ya - y : yb - y, xa - x : xb - x]
             out = np.s_[ya - oy0 : yb - oy0, xa - ox0 : xb - ox0]
             total[out] += prob[inside] * weights[inside]
+        queue.clear()
+
+    for y, x in ((int(y), int(x)) for y in rows for x in cols):
+        if valid is not None and not window(valid, y, x).any():
+            continue
+        prob = shared.take(y, x) if shared is not None else None
+        queue.append((y, x, prob))
+        run += prob is None
+        if prob is None and sum(p is None for _, _, p in queue) == batch_size:
+            flush()
+    flush()
     total /= weight_sums(rows, out_region[0], tile, overlap)[:, None]
     total /= weight_sums(cols, out_region[1], tile, overlap)[None, :]
-    return total, len(windows)
+    return total, run
 
 
 def predict_array(

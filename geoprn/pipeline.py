@@ -29,7 +29,13 @@ from dask.callbacks import Callback
 
 from geoprn import store
 from geoprn.errors import GeoprnWarning, InputError, SchedulerError
-from geoprn.inference import autocast_dtype, predict_region, resolve_device
+from geoprn.inference import (
+    SharedWindows,
+    WindowCache,
+    autocast_dtype,
+    predict_region,
+    resolve_device,
+)
 from geoprn.models.bpr import BoundaryRefiner
 from geoprn.models.checkpoint import (
     DEFAULT_BASE,
@@ -86,6 +92,7 @@ class RefineJob:
     grid: WorkGrid
     bpr: ModelRef | None = None
     precision: str = "auto"
+    block_size: int = DEFAULT_BLOCK_SIZE
 
     @property
     def stages(self) -> list[tuple[str, list[ModelRef]]]:
@@ -144,6 +151,7 @@ def predict_stages(job: RefineJob, rows: Range, cols: Range) -> tuple[dict[str, 
         window_origins(grid.width, job.tile, job.overlap),
     )
     regions = stage_regions(origins, rows, cols, job.tile, len(job.stages))
+    shared = shared_windows(job, origins)
     with grid.open(job.scene.path) as ds:
         image_bands = job.bands if job.probs is None or job.bpr is not None else None
         image, valid = read_region(ds, image_bands, *regions[0])
@@ -159,8 +167,8 @@ def predict_stages(job: RefineJob, rows: Range, cols: Range) -> tuple[dict[str, 
     if job.probs is not None:
         outputs["base"] = source[0], (ry0, rx0)
     windows = 0
-    for (name, refs), src_region, out_region in zip(
-        job.stages, regions[:-1], regions[1:], strict=True
+    for (name, refs), src_region, out_region, stage_shared in zip(
+        job.stages, regions[:-1], regions[1:], shared, strict=True
     ):
         model = stage_model(refs, str(device))
         (sy0, sy1), (sx0, sx1) = src_region
@@ -179,6 +187,7 @@ def predict_stages(job: RefineJob, rows: Range, cols: Range) -> tuple[dict[str, 
             device,
             job.precision,
             valid[inside],
+            stage_shared,
         )
         windows += count
         (oy0, oy1), (ox0, ox1) = out_region
@@ -191,6 +200,28 @@ def predict_stages(job: RefineJob, rows: Range, cols: Range) -> tuple[dict[str, 
         for name, (probs, (oy, ox)) in outputs.items()
     }
     return cropped, windows
+
+
+SHARED_WINDOWS = WindowCache(int(os.environ.get("GEOPRN_WINDOW_CACHE_MB", "1024")) << 20)
+"""The windows this process has run that blocks still to come need (one per Dask worker).
+1 GiB (``GEOPRN_WINDOW_CACHE_MB``) holds every shared window of a 40,000 px square scene
+run at the default block size, so each window is computed once; larger scenes recompute some
+of the windows shared between rows of blocks (``benchmarks/throughput.py`` prints how many)."""
+
+
+def shared_windows(job: RefineJob, origins: tuple[np.ndarray, np.ndarray]) -> list[SharedWindows]:
+    """Per stage, which of its windows neighbouring blocks share, keyed by the job and its input
+    files' sizes and times: each is computed once when blocks run one after another in a
+    process."""
+    spans = []
+    for length in (job.scene.height, job.scene.width):
+        axis = [(s, min(s + job.block_size, length)) for s in range(0, length, job.block_size)]
+        spans.append([job.grid.support(a) for a in axis] if job.grid.resampled else axis)
+    inputs = [job.scene.path, job.probs] if job.probs else [job.scene.path]
+    key = (repr(job), *((st.st_size, st.st_mtime_ns) for st in map(os.stat, inputs)))
+    return SharedWindows.chain(
+        SHARED_WINDOWS, key, origins, tuple(spans), job.tile, len(job.stages)
+    )
 
 
 def stage_model(refs: list[ModelRef], device: str) -> torch.nn.Module:
@@ -268,7 +299,9 @@ def run_blocks(
 ) -> list[BlockResult]:
     """Run the block tasks on the local threaded scheduler or on a ``distributed`` cluster."""
     tasks = [
-        dask.delayed(process_block, pure=False)(job, block, dask_key_name=f"block-{block.key}")
+        dask.delayed(process_block, pure=False)(
+            job, block, dask_key_name=f"block-{block.row:06d}-{block.col:06d}"
+        )
         for block in blocks
     ]
     if client is None:
@@ -359,18 +392,17 @@ def refine(
         device,
         precision,
         batch_size,
+        block_size,
         overlap,
         resample,
     )
     if job.grid.resampled:
         log.info("models run at %.3g x the scene's pixel size", job.grid.factor)
-    if block_size <= 0 or block_size % store.CHUNK:
-        raise InputError(f"--block-size must be a positive multiple of {store.CHUNK}")
     if zarr_format not in (2, 3):
         raise InputError("--zarr-format must be 2 or 3")
     if vectors and info.crs is None:
         raise InputError(f"{info.path} has no CRS; road vectors need one (drop --vectors)")
-    signature = _signature(job, block_size, threshold, zarr_format)
+    signature = _signature(job, threshold, zarr_format)
     with connect(scheduler) as client:  # before touching outputs: a dead address changes nothing
         resumed = store.prepare(job.paths, signature, overwrite)
         if not resumed:
@@ -446,6 +478,7 @@ def _plan(
     device: str,
     precision: str,
     batch_size: int,
+    block_size: int,
     overlap: int,
     resample: str,
 ) -> RefineJob:
@@ -488,6 +521,8 @@ def _plan(
         raise InputError(f"--overlap must be even and below {tile // 2}")
     if batch_size < 1:
         raise InputError("--batch-size must be at least 1")
+    if block_size <= 0 or block_size % store.CHUNK:
+        raise InputError(f"--block-size must be a positive multiple of {store.CHUNK}")
     autocast_dtype(resolve_device(device), precision)  # fail early; workers resolve it again
     stem = Path(info.path).stem
     return RefineJob(
@@ -504,6 +539,7 @@ def _plan(
         WorkGrid.choose(info, gsd, resample),
         bpr_ref,
         precision,
+        block_size,
     )
 
 
@@ -548,7 +584,7 @@ def _check_probabilities(path: Path, info: SceneInfo) -> None:
         raise InputError(f"{path} has {other.count} bands; a probability raster has one")
 
 
-def _signature(job: RefineJob, block_size: int, threshold: float, zarr_format: int) -> dict:
+def _signature(job: RefineJob, threshold: float, zarr_format: int) -> dict:
     """What makes two runs the same command: everything that changes the outputs."""
     scene = Path(job.scene.path)
     stat = scene.stat()
@@ -563,7 +599,7 @@ def _signature(job: RefineJob, block_size: int, threshold: float, zarr_format: i
         "bands": job.bands,
         "tile": job.tile,
         "overlap": job.overlap,
-        "block_size": block_size,
+        "block_size": job.block_size,
         "threshold": threshold,
         "zarr_format": zarr_format,
         "resample_factor": job.grid.factor,

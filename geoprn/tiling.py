@@ -84,6 +84,15 @@ def cover(origins: np.ndarray, span: Range, tile: int) -> Range:
     return int(hits[0]), int(hits[-1]) + tile
 
 
+def axis_regions(origins: np.ndarray, span: Range, tile: int, stages: int) -> list[Range]:
+    """Along one axis, the ranges a chain of ``stages`` windowed models reads and fills to
+    produce ``span``: the first stage's input, then each stage's output, the last ``span``."""
+    ranges = [span]
+    for _ in range(stages):
+        ranges.insert(0, cover(origins, ranges[0], tile))
+    return ranges
+
+
 def stage_regions(
     origins: tuple[np.ndarray, np.ndarray], rows: Range, cols: Range, tile: int, stages: int
 ) -> list[tuple[Range, Range]]:
@@ -96,11 +105,24 @@ def stage_regions(
         ``stages + 1`` regions, outermost first: the first stage's input, then each stage's
         output, the last being ``(rows, cols)``.
     """
-    regions = [(rows, cols)]
-    for _ in range(stages):
-        need_rows, need_cols = regions[0]
-        regions.insert(0, (cover(origins[0], need_rows, tile), cover(origins[1], need_cols, tile)))
-    return regions
+    return list(
+        zip(
+            axis_regions(origins[0], rows, tile, stages),
+            axis_regions(origins[1], cols, tile, stages),
+            strict=True,
+        )
+    )
+
+
+def window_uses(origins: np.ndarray, spans: list[Range], tile: int, stages: int) -> np.ndarray:
+    """(stages, len(origins)) int: along one axis, how many of the blocks spanning ``spans``
+    run each window in each stage. A window's uses in the scene are its row count times its
+    column count; a window used more than once is shared by neighbouring blocks' halos."""
+    uses = np.zeros((stages, len(origins)), int)
+    for span in spans:
+        for k, (start, stop) in enumerate(axis_regions(origins, span, tile, stages)[1:]):
+            uses[k] += (origins < stop) & (origins + tile > start)
+    return uses
 
 
 @dataclass(frozen=True)
@@ -124,14 +146,3 @@ def block_grid(height: int, width: int, block_size: int) -> list[Block]:
         for r, y in enumerate(range(0, height, block_size))
         for c, x in enumerate(range(0, width, block_size))
     ]
-
-
-def windows_run(
-    origins: tuple[np.ndarray, np.ndarray], blocks: list[Block], tile: int, stages: int
-) -> int:
-    """How many windows the blocks run in all (every stage, halos recomputed included)."""
-    return sum(
-        len(touching(origins[0], r, tile)) * len(touching(origins[1], c, tile))
-        for block in blocks
-        for r, c in stage_regions(origins, block.rows, block.cols, tile, stages)[1:]
-    )

@@ -21,6 +21,7 @@ from geoprn import refine
 from geoprn.errors import InputError, OutputError, SchedulerError
 from geoprn.inference import predict_array
 from geoprn.models.checkpoint import load_cached
+from geoprn.pipeline import SHARED_WINDOWS
 from tests.conftest import SHARED_DATA, massachusetts_pixels, write_raster
 
 STEM = "mass"
@@ -85,9 +86,22 @@ def test_output_does_not_depend_on_block_size(reference, mass_scene, models, tmp
         device="cpu",
     )
     assert record.blocks["computed"] == 6
+    assert record.windows == 2 * 3 * 3  # each window of each stage run once, halos shared
     assert_same_outputs(reference, tmp_path)
     cache = load_cached.cache_info()
     assert cache.misses == 2 and cache.hits == 10  # each model loaded once, not per block
+
+
+def test_blocks_that_recompute_their_halos_give_the_same_outputs(
+    reference, mass_scene, models, tmp_path, monkeypatch
+):
+    monkeypatch.setattr(SHARED_WINDOWS, "max_bytes", 0)  # nothing kept between blocks
+    kept = len(SHARED_WINDOWS)
+    record = refine(
+        mass_scene, tmp_path, base=models["base"], prn=models["prn"], block_size=512, device="cpu"
+    )
+    assert record.windows > 2 * 3 * 3 and len(SHARED_WINDOWS) == kept
+    assert_same_outputs(reference, tmp_path)
 
 
 def test_blocks_in_parallel_threads_give_the_same_outputs(reference, mass_scene, models, tmp_path):

@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 
+from geoprn.inference import windows_run
 from geoprn.tiling import (
     blend_weights,
     block_grid,
@@ -11,7 +12,6 @@ from geoprn.tiling import (
     touching,
     weight_sums,
     window_origins,
-    windows_run,
 )
 
 
@@ -92,6 +92,12 @@ def test_stage_regions_grow_by_a_halo_per_stage_and_windows_run_counts_them():
     ):
         assert outer_rows == cover(origins[0], inner_rows, 512)
         assert outer_cols == cover(origins[1], inner_cols, 512)
-    # one block covering the scene runs every window of the grid once per stage
-    assert windows_run(origins, block_grid(3000, 3000, 4096), 512, 2) == 2 * len(origins[0]) ** 2
-    assert windows_run(origins, block_grid(3000, 3000, 1024), 512, 2) > 2 * len(origins[0]) ** 2
+    # one block covering the scene runs every window of the grid once per stage; smaller
+    # blocks rerun their halos' windows unless a cache of windows shares them
+    once = 2 * len(origins[0]) ** 2
+    assert windows_run(origins, block_grid(3000, 3000, 4096), 512, 2) == [once // 2] * 2
+    blocks = block_grid(3000, 3000, 1024)
+    alone = sum(windows_run(origins, blocks, 512, 2))
+    assert alone > once
+    assert sum(windows_run(origins, blocks, 512, 2, cache_bytes=1 << 30)) == once
+    assert once < sum(windows_run(origins, blocks, 512, 2, cache_bytes=32 << 20)) < alone

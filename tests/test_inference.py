@@ -1,0 +1,34 @@
+"""The cache of windows shared by neighbouring blocks."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from geoprn.inference import WindowCache
+
+
+def window(value: float) -> np.ndarray:
+    return np.full((512, 512), value, np.float32)  # 1 MiB
+
+
+def test_an_entry_serves_its_uses_then_goes():
+    cache = WindowCache()
+    cache.keep("a", window(1), uses=2)
+    cache.keep("b", window(2), uses=0)  # no other block needs it: not kept
+    assert len(cache) == 1
+    assert cache.take("a")[0, 0] == 1 and cache.take("a")[0, 0] == 1
+    assert cache.take("a") is None and cache.take("b") is None and len(cache) == 0
+
+
+def test_kept_values_are_a_copy_and_the_oldest_go_past_the_budget():
+    cache = WindowCache(max_bytes=2 * window(0).nbytes)
+    values = window(1)
+    cache.keep("a", values, uses=1)
+    values[:] = 9  # the caller reuses its buffer
+    cache.keep("b", window(2), uses=1)
+    cache.keep("c", window(3), uses=1)  # over budget: "a" goes
+    assert len(cache) == 2 and cache.take("a") is None
+    assert cache.take("b")[0, 0] == 2 and cache.take("c")[0, 0] == 3
+    cache.keep("b", window(2), uses=1)
+    cache.keep("b", window(5), uses=1)  # already kept: the first stays
+    assert cache.take("b")[0, 0] == 2
