@@ -39,7 +39,7 @@ from geoprn.models.checkpoint import (  # noqa: E402
     read_header,
 )
 from geoprn.pipeline import SHARED_WINDOWS  # noqa: E402
-from geoprn.tiling import DEFAULT_BLOCK_SIZE, block_grid, window_origins  # noqa: E402
+from geoprn.tiling import DEFAULT_BLOCK_SIZE, block_grid, serpentine, window_origins  # noqa: E402
 
 TILE = 512
 SCENE = 100_000
@@ -84,7 +84,7 @@ def work_factor(overlap: int, block_size: int) -> float:
     """Windows both stages run on a SCENE px square scene over its 512 x 512 tiles, blocks run
     one after another sharing windows as ``refine`` does on the local scheduler."""
     origins = window_origins(SCENE, TILE, overlap)
-    blocks = block_grid(SCENE, SCENE, block_size)[::-1]
+    blocks = serpentine(block_grid(SCENE, SCENE, block_size))  # refine's order
     runs = windows_run((origins, origins), blocks, TILE, 2, SHARED_WINDOWS.max_bytes)
     return sum(runs) / (2 * (SCENE / TILE) ** 2)
 

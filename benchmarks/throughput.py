@@ -67,7 +67,7 @@ from geoprn.models.checkpoint import (  # noqa: E402
 )
 from geoprn.pipeline import SHARED_WINDOWS, refine  # noqa: E402  (imported before timing)
 from geoprn.raster import SceneInfo, open_scene, read_region  # noqa: E402
-from geoprn.tiling import block_grid, window_origins  # noqa: E402
+from geoprn.tiling import block_grid, serpentine, window_origins  # noqa: E402
 
 TILE = 512
 Predict = Callable[[torch.Tensor], torch.Tensor]
@@ -200,7 +200,7 @@ def recompute_factors(
     """Per stage, the windows ``refine`` runs over those covering the scene once, its blocks
     run one after another on the local scheduler with its cache of shared windows."""
     origins = (window_origins(height, tile, overlap), window_origins(width, tile, overlap))
-    blocks = block_grid(height, width, block_size)[::-1]  # the local scheduler's order
+    blocks = serpentine(block_grid(height, width, block_size))  # the local scheduler's order
     runs = windows_run(origins, blocks, tile, stages, SHARED_WINDOWS.max_bytes)
     return [run / (len(origins[0]) * len(origins[1])) for run in runs]
 

@@ -97,7 +97,7 @@ class WindowCache:
         self._bytes = 0
         self._lock = threading.Lock()
 
-    def take(self, key: Hashable) -> np.ndarray | None:
+    def take(self, key: Hashable) -> torch.Tensor | None:
         """The values kept under ``key`` (one use of them), or None."""
         with self._lock:
             entry = self._entries.get(key)
@@ -109,12 +109,12 @@ class WindowCache:
                 self._bytes -= entry[0].nbytes
             return entry[0]
 
-    def keep(self, key: Hashable, values: np.ndarray, uses: int) -> None:
-        """Keep ``values`` for ``uses`` more uses."""
+    def keep(self, key: Hashable, values: torch.Tensor, uses: int) -> None:
+        """Keep a copy of ``values`` (on their device) for ``uses`` more uses."""
         with self._lock:
             if uses < 1 or key in self._entries or values.nbytes > self.max_bytes:
                 return
-            self._entries[key] = [values.copy(), uses]
+            self._entries[key] = [values.clone(), uses]
             self._bytes += values.nbytes
             while self._bytes > self.max_bytes:
                 old, _ = self._entries.popitem(last=False)[1]
@@ -157,10 +157,10 @@ class SharedWindows:
         ]
         return [cls(cache, (key, k), (uses[0][k], uses[1][k])) for k in range(stages)]
 
-    def take(self, y: int, x: int) -> np.ndarray | None:
+    def take(self, y: int, x: int) -> torch.Tensor | None:
         return self.cache.take((self.stage, y, x))
 
-    def keep(self, y: int, x: int, values: np.ndarray) -> None:
+    def keep(self, y: int, x: int, values: torch.Tensor) -> None:
         self.cache.keep((self.stage, y, x), values, self.uses[0][y] * self.uses[1][x] - 1)
 
 
@@ -176,7 +176,7 @@ def windows_run(
     halo). Counted, no model is run: a window is kept as 4 bytes, the budget scaled to match.
     """
     spans = (sorted({b.rows for b in blocks}), sorted({b.cols for b in blocks}))
-    marker = np.zeros(1, np.float32)
+    marker = torch.zeros(1)
     cache = WindowCache(cache_bytes // (4 * tile * tile) * marker.nbytes)
     shared = SharedWindows.chain(cache, "count", origins, spans, tile, stages)
     run = [0] * stages
@@ -193,19 +193,19 @@ def windows_run(
 
 def predict_region(
     model: torch.nn.Module,
-    source: np.ndarray,
+    source: torch.Tensor,
     source_region: tuple[Range, Range],
     out_region: tuple[Range, Range],
     origins: tuple[np.ndarray, np.ndarray],
     tile: int,
     overlap: int,
     batch_size: int,
-    device: torch.device,
     precision: str = "auto",
     valid: np.ndarray | None = None,
     shared: SharedWindows | None = None,
-) -> tuple[np.ndarray, int]:
-    """Run ``model`` on every grid window touching ``out_region`` and blend them.
+) -> tuple[torch.Tensor, int]:
+    """Run ``model`` on every grid window touching ``out_region`` and blend them, on the device
+    ``source`` lies on: the result stays there, ready for the next stage.
 
     A window holding no valid pixel is skipped: it would only add to pixels that are nodata,
     so the valid pixels' values are those of the full blend, bit for bit. With ``shared``,
@@ -215,37 +215,38 @@ def predict_region(
 
     Args:
         model: maps (N, C, tile, tile) float32 to (N, 1, tile, tile) probabilities.
-        source: (C, H, W) input covering ``source_region`` (which covers every window used).
+        source: (C, H, W) input covering ``source_region`` (which covers every window used),
+            any real dtype, on the model's device.
         source_region, out_region: (rows, cols) ranges in scene coordinates.
         origins: the scene-wide window grid (row origins, column origins).
         precision: see :func:`autocast_dtype`.
-        valid: (H, W) bool over ``source_region``, False at nodata; None: all valid.
+        valid: (H, W) bool over ``source_region`` on the host, False at nodata; None: all valid.
         shared: the cache of windows shared with other blocks; None: run every window.
 
     Returns:
-        The blended (H_out, W_out) float32 probabilities (meaningless where no window ran:
-        mask nodata afterwards) and the number of windows run.
+        The blended (H_out, W_out) float32 probabilities on the device (meaningless where no
+        window ran: mask nodata afterwards) and the number of windows run.
     """
+    device = source.device
     (sy0, _), (sx0, _) = source_region
     (oy0, oy1), (ox0, ox1) = out_region
     rows, cols = (touching(o, span, tile) for o, span in zip(origins, out_region, strict=True))
-    weights = blend_weights(tile, overlap)
-    total = np.zeros((oy1 - oy0, ox1 - ox0), np.float32)
-    queue: list[tuple[int, int, np.ndarray | None]] = []  # in grid order; None: to be run
+    weights = torch.from_numpy(blend_weights(tile, overlap)).to(device)
+    total = torch.zeros((oy1 - oy0, ox1 - ox0), dtype=torch.float32, device=device)
+    queue: list[tuple[int, int, torch.Tensor | None]] = []  # in grid order; None: to be run
     run = 0
 
-    def window(array: np.ndarray, y: int, x: int) -> np.ndarray:
+    def window(array, y: int, x: int):
         return array[..., y - sy0 : y - sy0 + tile, x - sx0 : x - sx0 + tile]
 
     def flush() -> None:
         """Run the queued windows that need it in one batch, then blend the queue in order."""
         batch = [(y, x) for y, x, prob in queue if prob is None]
         if batch:
-            tiles = np.stack([window(source, y, x) for y, x in batch])
             with torch.inference_mode(), fast_math(device, precision):
-                x = torch.from_numpy(tiles.astype(np.float32)).to(device, non_blocking=True)
+                x = torch.stack([window(source, y, x) for y, x in batch]).float()
                 probs = model(x.contiguous(memory_format=torch.channels_last))
-            computed = iter(probs[:, 0].float().cpu().numpy())
+            computed = iter(probs[:, 0].float())
         for y, x, prob in queue:
             if prob is None:
                 prob = next(computed)
@@ -253,8 +254,7 @@ def predict_region(
                     shared.keep(y, x, prob)
             ya, yb, xa, xb = max(y, oy0), min(y + tile, oy1), max(x, ox0), min(x + tile, ox1)
             inside = np.s_[ya - y : yb - y, xa - x : xb - x]
-            out = np.s_[ya - oy0 : yb - oy0, xa - ox0 : xb - ox0]
-            total[out] += prob[inside] * weights[inside]
+            total[ya - oy0 : yb - oy0, xa - ox0 : xb - ox0] += prob[inside] * weights[inside]
         queue.clear()
 
     for y, x in ((int(y), int(x)) for y in rows for x in cols):
@@ -266,9 +266,24 @@ def predict_region(
         if prob is None and sum(p is None for _, _, p in queue) == batch_size:
             flush()
     flush()
-    total /= weight_sums(rows, out_region[0], tile, overlap)[:, None]
-    total /= weight_sums(cols, out_region[1], tile, overlap)[None, :]
+    row_sums, col_sums = (
+        torch.from_numpy(weight_sums(o, span, tile, overlap)).to(device)
+        for o, span in ((rows, out_region[0]), (cols, out_region[1]))
+    )
+    total /= row_sums[:, None]
+    total /= col_sums[None, :]
     return total, run
+
+
+def to_device(array: np.ndarray, device: torch.device) -> torch.Tensor:
+    """A host array on ``device``: through pinned memory without blocking the host on a GPU;
+    integer types torch does not compute in (uint16, uint32) become float32 first."""
+    if array.dtype not in (np.uint8, np.int16, np.int32, np.float32, np.float64, np.bool_):
+        array = array.astype(np.float32)
+    tensor = torch.from_numpy(np.ascontiguousarray(array))
+    if device.type == "cuda":
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.to(device)
 
 
 def predict_array(
@@ -295,15 +310,14 @@ def predict_array(
     padded_valid = None if valid is None else valid[grid]
     probs, _ = predict_region(
         model,
-        source,
+        to_device(source, torch.device(device)),
         (rows, cols),
         ((0, h), (0, w)),
         origins,
         tile,
         overlap,
         batch_size,
-        torch.device(device),
         precision,
         padded_valid,
     )
-    return probs
+    return probs.cpu().numpy()

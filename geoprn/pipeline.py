@@ -35,6 +35,7 @@ from geoprn.inference import (
     autocast_dtype,
     predict_region,
     resolve_device,
+    to_device,
 )
 from geoprn.models.bpr import BoundaryRefiner
 from geoprn.models.checkpoint import (
@@ -52,6 +53,7 @@ from geoprn.tiling import (
     Block,
     Range,
     block_grid,
+    serpentine,
     stage_regions,
     window_origins,
 )
@@ -162,10 +164,13 @@ def predict_stages(job: RefineJob, rows: Range, cols: Range) -> tuple[dict[str, 
 
     device = resolve_device(job.device)
     (ry0, _), (rx0, _) = regions[0]
-    # each output: (probabilities, top-left work-grid coordinate of the array)
-    outputs: dict[str, tuple[np.ndarray, tuple[int, int]]] = {}
+    # each output: (probabilities on the device, top-left work-grid coordinate of the array);
+    # they stay on the device from stage to stage, only the block's own pixels come back
+    outputs: dict[str, tuple[torch.Tensor, tuple[int, int]]] = {}
+    source = to_device(source, device)
     if job.probs is not None:
         outputs["base"] = source[0], (ry0, rx0)
+    invalid = to_device(~valid, device)
     windows = 0
     for (name, refs), src_region, out_region, stage_shared in zip(
         job.stages, regions[:-1], regions[1:], shared, strict=True
@@ -174,7 +179,8 @@ def predict_stages(job: RefineJob, rows: Range, cols: Range) -> tuple[dict[str, 
         (sy0, sy1), (sx0, sx1) = src_region
         inside = np.s_[sy0 - ry0 : sy1 - ry0, sx0 - rx0 : sx1 - rx0]
         if isinstance(model, BoundaryRefiner):  # BPR sees the image beside the probabilities
-            source = np.concatenate([source, image[(slice(None), *inside)].astype(np.float32)])
+            crop = to_device(image[(slice(None), *inside)], device).float()
+            source = torch.cat([source.float(), crop])
         probs, count = predict_region(
             model,
             source,
@@ -184,19 +190,18 @@ def predict_stages(job: RefineJob, rows: Range, cols: Range) -> tuple[dict[str, 
             job.tile,
             job.overlap,
             job.batch_size,
-            device,
             job.precision,
             valid[inside],
             stage_shared,
         )
         windows += count
         (oy0, oy1), (ox0, ox1) = out_region
-        probs[~valid[oy0 - ry0 : oy1 - ry0, ox0 - rx0 : ox1 - rx0]] = 0.0
+        probs[invalid[oy0 - ry0 : oy1 - ry0, ox0 - rx0 : ox1 - rx0]] = 0.0
         outputs[name] = probs, (oy0, ox0)
         source = probs[None]
     (y0, y1), (x0, x1) = rows, cols
     cropped = {
-        name: probs[y0 - oy : y1 - oy, x0 - ox : x1 - ox]
+        name: probs[y0 - oy : y1 - oy, x0 - ox : x1 - ox].cpu().numpy()
         for name, (probs, (oy, ox)) in outputs.items()
     }
     return cropped, windows
@@ -298,11 +303,12 @@ def run_blocks(
     threads: int = 1,
 ) -> list[BlockResult]:
     """Run the block tasks on the local threaded scheduler or on a ``distributed`` cluster."""
-    tasks = [
+    ordered = serpentine(blocks)  # neighbours in a row, so shared windows are reused soonest
+    tasks = [  # the local scheduler runs independent tasks in descending key order
         dask.delayed(process_block, pure=False)(
-            job, block, dask_key_name=f"block-{block.row:06d}-{block.col:06d}"
+            job, block, dask_key_name=f"block-{len(ordered) - i:07d}"
         )
-        for block in blocks
+        for i, block in enumerate(ordered)
     ]
     if client is None:
         with _BlockProgress(report):

@@ -146,3 +146,17 @@ def block_grid(height: int, width: int, block_size: int) -> list[Block]:
         for r, y in enumerate(range(0, height, block_size))
         for c, x in enumerate(range(0, width, block_size))
     ]
+
+
+def serpentine(blocks: list[Block]) -> list[Block]:
+    """``blocks`` row by row, every other row reversed: each block follows a neighbour, and
+    the windows a row of blocks shares with the next are needed in the reverse of the order
+    they were computed in, newest first (what a cache that drops its oldest entries keeps)."""
+    rows: dict[int, list[Block]] = {}
+    for block in blocks:
+        rows.setdefault(block.row, []).append(block)
+    return [
+        block
+        for r, row in enumerate(sorted(rows))
+        for block in sorted(rows[row], key=lambda b: b.col, reverse=r % 2 == 1)
+    ]

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import numpy as np
+import torch
 
 from geoprn.inference import WindowCache
 
 
-def window(value: float) -> np.ndarray:
-    return np.full((512, 512), value, np.float32)  # 1 MiB
+def window(value: float) -> torch.Tensor:
+    return torch.full((512, 512), value)  # float32, 1 MiB
 
 
 def test_an_entry_serves_its_uses_then_goes():

@@ -76,6 +76,7 @@ def test_zarr_and_mask_are_georeferenced_like_the_scene(reference, mass_scene):
 
 def test_output_does_not_depend_on_block_size(reference, mass_scene, models, tmp_path):
     load_cached.cache_clear()
+    order = []
     record = refine(
         mass_scene,
         tmp_path,
@@ -84,8 +85,11 @@ def test_output_does_not_depend_on_block_size(reference, mass_scene, models, tmp
         block_size=512,
         batch_size=3,
         device="cpu",
+        progress=lambda done, total, result: result and order.append(result.key),
     )
     assert record.blocks["computed"] == 6
+    # the local scheduler runs the blocks row by row, back and forth
+    assert order == ["0_0", "0_1", "0_2", "1_2", "1_1", "1_0"]
     assert record.windows == 2 * 3 * 3  # each window of each stage run once, halos shared
     assert_same_outputs(reference, tmp_path)
     cache = load_cached.cache_info()

@@ -8,6 +8,7 @@ from geoprn.tiling import (
     blend_weights,
     block_grid,
     cover,
+    serpentine,
     stage_regions,
     touching,
     weight_sums,
@@ -101,3 +102,12 @@ def test_stage_regions_grow_by_a_halo_per_stage_and_windows_run_counts_them():
     assert alone > once
     assert sum(windows_run(origins, blocks, 512, 2, cache_bytes=1 << 30)) == once
     assert once < sum(windows_run(origins, blocks, 512, 2, cache_bytes=32 << 20)) < alone
+
+
+def test_serpentine_order_visits_each_block_once_from_neighbour_to_neighbour():
+    blocks = block_grid(3000, 2500, 1024)  # 3 x 3
+    ordered = serpentine(blocks[::-1])
+    assert sorted(b.key for b in ordered) == sorted(b.key for b in blocks)
+    assert [b.key for b in ordered[:6]] == ["0_0", "0_1", "0_2", "1_2", "1_1", "1_0"]
+    for a, b in zip(ordered, ordered[1:], strict=False):
+        assert abs(a.row - b.row) + abs(a.col - b.col) == 1
