@@ -231,7 +231,7 @@ def predict_region(
     (sy0, _), (sx0, _) = source_region
     (oy0, oy1), (ox0, ox1) = out_region
     rows, cols = (touching(o, span, tile) for o, span in zip(origins, out_region, strict=True))
-    weights = torch.from_numpy(blend_weights(tile, overlap)).to(device)
+    weights = torch.tensor(blend_weights(tile, overlap), device=device)
     total = torch.zeros((oy1 - oy0, ox1 - ox0), dtype=torch.float32, device=device)
     queue: list[tuple[int, int, torch.Tensor | None]] = []  # in grid order; None: to be run
     run = 0
