@@ -14,14 +14,16 @@ Same scene, same weights, same device and batch size for every run:
 (e) the loop of (c) with the models run as ``refine`` runs them: the difference between (b)
     and (e) is the pipeline's alone (overlap, halos, blending, I/O), not the arithmetic's.
 
-Each prints seconds, scene tiles/s (the scene's area in 512 x 512 tiles over the seconds, so
-rates compare whatever each run computes), km²/h at the scene's resolution, and the ratios of
-seconds (a)/(b), (c)/(b), (d)/(b); then the recompute factor, windows ``refine`` runs over the
-windows that cover the scene once (per stage), for this scene and for larger ones.
+(a) and (b) run ``--repeats`` times in turn and their medians are printed (the spread too);
+(c), (d) and (e) run once. Each prints seconds, scene tiles/s (the scene's area in 512 x 512
+tiles over the seconds, so rates compare whatever each run computes), km²/h at the scene's
+resolution, and the ratios of seconds (a)/(b), (c)/(b), (d)/(b), (e)/(b); then the recompute
+factor, windows ``refine`` runs over the windows that cover the scene once (per stage), for
+this scene and for larger ones.
 
 The default scene is one Massachusetts test tile as a GeoTIFF on a UTM 19N grid at 1 m
 (1500 x 1500 px, built by ``memory.py``; ``--tiles N`` mosaics N x N tiles); base + PRN on 2
-CPU cores take about 5 minutes for all four runs. Models and refine's modules are loaded before
+CPU cores take about 7 minutes for all runs. Models and refine's modules are loaded before
 any timing; every run sees the scene's own pixels (``resample="off"``). TorchGeo is not a
 dependency of geoprn: install it beside it (``pip install torchgeo``) to time (d).
 
@@ -35,6 +37,7 @@ from __future__ import annotations
 import argparse
 import math
 import shutil
+import statistics
 import sys
 import time
 import warnings
@@ -219,6 +222,9 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=0, help="TorchGeo DataLoader workers")
     parser.add_argument("--skip", default="", help="runs to leave out, e.g. c,d")
     parser.add_argument("--workdir", default="/tmp/geoprn-bench")
+    parser.add_argument(
+        "--repeats", type=int, default=3, help="runs of (a) and (b), in turn; medians printed"
+    )
     args = parser.parse_args()
     warnings.simplefilter("ignore", NotGeoreferencedWarning)  # (c)'s boundless reads warn
 
@@ -240,26 +246,27 @@ def main() -> None:
     scene_tiles = info.height * info.width / TILE**2
     km2 = info.height * info.width * (info.gsd or math.nan) ** 2 / 1e6
     runs: dict[str, tuple[float, int]] = {}
-    runs["(a) limit: forward passes"] = (
-        run_limit(info, bands, predict, grid, args.batch_size),
-        grid * stages,
-    )
-    started = time.perf_counter()
-    record = refine(
-        scene,
-        workdir / "refine",
-        use_prn=prn is not None,
-        device=args.device,
-        precision=args.precision,
-        batch_size=args.batch_size,
-        overlap=args.overlap,
-        threads=args.threads,
-        overwrite=True,
-        resample="off",  # every run sees the scene's own pixels
-        **({"block_size": args.block_size} if args.block_size else {}),
-    )
+    limits, refines = [], []
+    for _ in range(args.repeats):  # (a) and (b) in turn, so drift in the machine hits both
+        limits.append(run_limit(info, bands, predict, grid, args.batch_size))
+        started = time.perf_counter()
+        record = refine(
+            scene,
+            workdir / "refine",
+            use_prn=prn is not None,
+            device=args.device,
+            precision=args.precision,
+            batch_size=args.batch_size,
+            overlap=args.overlap,
+            threads=args.threads,
+            overwrite=True,
+            resample="off",  # every run sees the scene's own pixels
+            **({"block_size": args.block_size} if args.block_size else {}),
+        )
+        refines.append(time.perf_counter() - started)
+    runs["(a) limit: forward passes"] = (statistics.median(limits), grid * stages)
+    runs["(b) geoprn.refine"] = (statistics.median(refines), record.windows)
     block_size = record.inputs["block_size"]
-    runs["(b) geoprn.refine"] = (time.perf_counter() - started, record.windows)
     if "c" not in args.skip:
         seconds, count = run_naive(info, bands, user_predict, workdir / "naive.tif")
         runs["(c) rasterio loop, batch 1"] = (seconds, count * stages)
@@ -295,7 +302,10 @@ def main() -> None:
             f"{km2 / seconds * 3600:,.1f} | {limit / seconds:.3f} |"
         )
     refine_seconds = runs["(b) geoprn.refine"][0]
-    print()
+    print(
+        f"\n(a) runs {', '.join(f'{t:.1f}' for t in limits)} s; "
+        f"(b) runs {', '.join(f'{t:.1f}' for t in refines)} s (medians above)"
+    )
     for label, (seconds, _) in runs.items():
         if not label.startswith("(b)"):
             print(f"{label[:3]}/(b) = {seconds / refine_seconds:.3f}")
