@@ -218,15 +218,13 @@ def shared_windows(job: RefineJob, origins: tuple[np.ndarray, np.ndarray]) -> li
     """Per stage, which of its windows neighbouring blocks share, keyed by the job and its input
     files' sizes and times: each is computed once when blocks run one after another in a
     process."""
-    spans = []
-    for length in (job.scene.height, job.scene.width):
-        axis = [(s, min(s + job.block_size, length)) for s in range(0, length, job.block_size)]
-        spans.append([job.grid.support(a) for a in axis] if job.grid.resampled else axis)
+    blocks = block_grid(job.scene.height, job.scene.width, job.block_size)
+    spans = (sorted({b.rows for b in blocks}), sorted({b.cols for b in blocks}))
+    if job.grid.resampled:  # the blocks' regions on the work grid, as process_block asks them
+        spans = tuple([job.grid.support(span) for span in axis] for axis in spans)
     inputs = [job.scene.path, job.probs] if job.probs else [job.scene.path]
     key = (repr(job), *((st.st_size, st.st_mtime_ns) for st in map(os.stat, inputs)))
-    return SharedWindows.chain(
-        SHARED_WINDOWS, key, origins, tuple(spans), job.tile, len(job.stages)
-    )
+    return SharedWindows.chain(SHARED_WINDOWS, key, origins, spans, job.tile, len(job.stages))
 
 
 def stage_model(refs: list[ModelRef], device: str) -> torch.nn.Module:
