@@ -1,7 +1,7 @@
 """The scene-wide window grid, blending weights and the blocks Dask schedules.
 
 Windows lie on one grid anchored at the scene origin, whatever the block size. A block
-computes every window that touches it (its halo) and keeps only its own pixels, so each output
+blends every window that touches it (its halo) and keeps only its own pixels, so each output
 pixel is the same weighted blend of the same windows in any block layout: no seams, and
 results that do not depend on block size or scheduler.
 """
@@ -17,10 +17,13 @@ Range = tuple[int, int]
 """A half-open pixel range ``[start, stop)`` on one axis, in scene coordinates."""
 
 DEFAULT_BLOCK_SIZE = 4096
-"""``refine``'s block side. A block recomputes the windows its halo shares with its neighbours:
-on a 100,000 px square scene at overlap 64, base + PRN run 2.79 and 1.54 times the windows that
-cover the scene once with 2048 blocks, 1.78 and 1.26 with 4096, for 83 MiB more peak memory on
-a 6000 px scene (``benchmarks/throughput.py``, ``benchmarks/memory.py``)."""
+"""``refine``'s block side. A block blends the windows its halo shares with its neighbours;
+run one after another in a process, blocks take them from a cache
+(:class:`geoprn.inference.WindowCache`), otherwise they are computed again. On a 100,000 px
+square scene at overlap 64 base + PRN run 1.12 and 1.04 times the windows that cover the scene
+once with 4096 blocks (1.21 and 1.08 with 2048; 1.78 and 1.26 without the cache), and every
+window once up to 40,000 px square; a 4096 block costs 83 MiB more peak memory than a 2048 one
+on a 6000 px scene (``benchmarks/throughput.py``, ``benchmarks/memory.py``)."""
 
 
 def window_origins(length: int, tile: int, overlap: int) -> np.ndarray:
