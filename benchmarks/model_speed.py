@@ -5,6 +5,7 @@ GSD, for the shipped weights (or given ones). This is the ceiling ``refine`` can
 
     python benchmarks/model_speed.py                       # CPU, batch 2
     python benchmarks/model_speed.py --device cuda --batch-size 64 --dtype bf16
+    python benchmarks/model_speed.py --channels-last --fold-bn --dtype bf16 --compile
 """
 
 from __future__ import annotations
@@ -50,6 +51,9 @@ def main() -> None:
     parser.add_argument(
         "--fold-bn", action="store_true", help="fold batch norms into convolutions, as refine does"
     )
+    parser.add_argument(
+        "--compile", action="store_true", help="torch.compile both models (warm-ups compile)"
+    )
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--gsd", type=float, default=0.5, help="metres per pixel for km²/h")
     args = parser.parse_args()
@@ -62,6 +66,8 @@ def main() -> None:
         fold_batchnorm(base)
         fold_batchnorm(prn)
     base, prn = base.to(memory_format=memory_format), prn.to(memory_format=memory_format)
+    if args.compile:
+        base, prn = torch.compile(base), torch.compile(prn)
     bands = len(base.geoprn_meta["bands"])
     x = (torch.rand(args.batch_size, bands, TILE, TILE, device=device) * 255).to(
         memory_format=memory_format
@@ -76,7 +82,8 @@ def main() -> None:
     print(
         f"device {name} ({torch.get_num_threads()} threads), batch {args.batch_size}, "
         f"{args.dtype}{', channels_last' if args.channels_last else ''}"
-        f"{', batch norms folded' if args.fold_bn else ''}, "
+        f"{', batch norms folded' if args.fold_bn else ''}"
+        f"{', torch.compile' if args.compile else ''}, "
         f"median of {args.repeats}"
     )
     km2_per_tile = (TILE * args.gsd) ** 2 / 1e6
