@@ -262,9 +262,10 @@ def predict_region(
             continue
         prob = shared.take(y, x) if shared is not None else None
         queue.append((y, x, prob))
-        run += prob is None
-        if prob is None and sum(p is None for _, _, p in queue) == batch_size:
-            flush()
+        if prob is None:
+            run += 1
+            if run % batch_size == 0:  # a full batch to run since the last flush
+                flush()
     flush()
     row_sums, col_sums = (
         torch.from_numpy(weight_sums(o, span, tile, overlap)).to(device)

@@ -207,7 +207,22 @@ def predict_stages(job: RefineJob, rows: Range, cols: Range) -> tuple[dict[str, 
     return cropped, windows
 
 
-SHARED_WINDOWS = WindowCache(int(os.environ.get("GEOPRN_WINDOW_CACHE_MB", "1024")) << 20)
+def window_cache_bytes() -> int:
+    """``GEOPRN_WINDOW_CACHE_MB`` in bytes, 1 GiB when unset; a value that is not a whole
+    number of MiB is reported and the default used."""
+    text = os.environ.get("GEOPRN_WINDOW_CACHE_MB", "1024")
+    try:
+        return max(int(text), 0) << 20
+    except ValueError:
+        warnings.warn(
+            f"GEOPRN_WINDOW_CACHE_MB={text!r} is not a whole number of MiB: using 1024",
+            GeoprnWarning,
+            stacklevel=2,
+        )
+        return 1024 << 20
+
+
+SHARED_WINDOWS = WindowCache(window_cache_bytes())
 """The windows this process has run that blocks still to come need (one per Dask worker).
 1 GiB (``GEOPRN_WINDOW_CACHE_MB``) holds every shared window of a 40,000 px square scene
 run at the default block size, so each window is computed once; larger scenes recompute some

@@ -623,17 +623,17 @@ def base_probabilities(
     """
     import zarr  # only PRN training needs it
 
-    if base is not None:
-        source = file_sha256(base) + _dtype_tag(device, precision)
+    if base is not None:  # checked before the cache is touched: a wrong file wipes nothing
+        read_header(base, "base")
+        sha = file_sha256(base)
+        source = sha + _dtype_tag(device, precision)
+        model = load_cached(str(Path(base).resolve()), sha, str(device))  # as refine runs it
     else:
         source = str(Path(probs_dir).resolve())
     group = zarr.open_group(str(cache), mode="a")
     if group.attrs.get("source") != source:
         group = zarr.open_group(str(cache), mode="w")
         group.attrs["source"] = source
-    if base is not None:
-        read_header(base, "base")
-        model = load_cached(str(Path(base).resolve()), file_sha256(base), str(device))
 
     def compute(tile: LabelledTile) -> np.ndarray:
         if base is not None:

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
+from geoprn.errors import GeoprnWarning
 from geoprn.inference import WindowCache
+from geoprn.pipeline import window_cache_bytes
 
 
 def window(value: float) -> torch.Tensor:
@@ -32,3 +35,11 @@ def test_kept_values_are_a_copy_and_the_oldest_go_past_the_budget():
     cache.keep("b", window(2), uses=1)
     cache.keep("b", window(5), uses=1)  # already kept: the first stays
     assert cache.take("b")[0, 0] == 2
+
+
+def test_the_cache_budget_comes_from_the_environment(monkeypatch):
+    monkeypatch.setenv("GEOPRN_WINDOW_CACHE_MB", "64")
+    assert window_cache_bytes() == 64 << 20
+    monkeypatch.setenv("GEOPRN_WINDOW_CACHE_MB", "lots")
+    with pytest.warns(GeoprnWarning, match="not a whole number of MiB"):
+        assert window_cache_bytes() == 1024 << 20
