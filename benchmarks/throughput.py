@@ -73,48 +73,66 @@ from geoprn.raster import SceneInfo, open_scene, read_region  # noqa: E402
 from geoprn.tiling import block_grid, serpentine, window_origins  # noqa: E402
 
 TILE = 512
-Predict = Callable[[torch.Tensor], torch.Tensor]
+Predict = Callable[..., torch.Tensor]
 
 
 def load_predict(
-    base: Path, prn: Path | None, device: torch.device, precision: str | None
+    base: Path, prn: Path | None, device: torch.device, precision: str | None, compiled: bool
 ) -> Predict:
-    """Base model then PRN; (N, C, H, W) in, probs out. With a ``precision``, loaded and run as
-    ``refine`` runs them; with None, as ``load_model`` gives them, in fp32."""
+    """Base model then PRN; (N, C, H, W) in, probs out (on the host unless ``to_host`` is
+    False). With a ``precision``, loaded and run as ``refine`` runs them (``compiled`` as
+    ``refine --compile``); with None, as ``load_model`` gives them, in fp32."""
     paths = [p for p in (base, prn) if p]
     if precision is None:
         models = [load_model(p, device=device) for p in paths]
         layout, precision = torch.contiguous_format, "fp32"
     else:
-        models = [load_cached(str(p), file_sha256(p), str(device)) for p in paths]
+        models = [load_cached(str(p), file_sha256(p), str(device), compiled) for p in paths]
         layout = torch.channels_last
 
-    def predict(x: torch.Tensor) -> torch.Tensor:
+    def predict(x: torch.Tensor, to_host: bool = True) -> torch.Tensor:
         with torch.inference_mode(), fast_math(device, precision):
             x = x.to(device, non_blocking=True).contiguous(memory_format=layout)
             for model in models:
                 x = model(x)
-            return x[:, 0].float().cpu()
+            return x[:, 0].float().cpu() if to_host else x
 
     return predict
 
 
 def run_limit(
-    info: SceneInfo, bands: list[int], predict: Predict, windows: int, batch_size: int
+    info: SceneInfo,
+    bands: list[int],
+    predict: Predict,
+    windows: int,
+    batch_size: int,
+    device: torch.device,
+    full_batches: bool,
 ) -> float:
     """(a): seconds of the forward passes over ``windows`` windows in batches, after a
-    warm-up; the inputs are real scene pixels, read once and kept in memory."""
+    warm-up; the inputs are real scene pixels, read once and kept in the device's memory, the
+    outputs stay there. ``full_batches``: every batch full, as ``refine --compile`` pads them."""
     with rasterio.open(info.path) as ds:
         pixels, _ = read_region(ds, bands, (0, TILE), (0, TILE * batch_size))
-    x = torch.from_numpy(
-        np.stack(np.split(pixels.astype(np.float32), batch_size, axis=-1))
+    x = torch.from_numpy(np.stack(np.split(pixels.astype(np.float32), batch_size, axis=-1))).to(
+        device
     )  # (batch, C, 512, 512): the scene's first row of windows
     sizes = [min(batch_size, windows - s) for s in range(0, windows, batch_size)]
-    predict(x[: sizes[-1]])
+    if full_batches:
+        sizes = [batch_size] * len(sizes)
+    predict(x[: sizes[-1]], to_host=False)
+    synchronize(device)
     started = time.perf_counter()
     for size in sizes:
-        predict(x[:size])
+        predict(x[:size], to_host=False)
+    synchronize(device)
     return time.perf_counter() - started
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for the work queued on a GPU (timings end when the work has)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def write_tile(dst: rasterio.io.DatasetWriter, probs: np.ndarray, row: int, col: int) -> None:
@@ -147,7 +165,9 @@ def probability_profile(info: SceneInfo) -> dict:
 
 
 def run_naive(info: SceneInfo, bands: list[int], predict: Predict, out: Path) -> tuple[float, int]:
-    """(c): rasterio windows one by one, no overlap, batch 1 (edge windows zero-filled)."""
+    """(c): rasterio windows one by one, no overlap, batch 1 (edge windows zero-filled), after
+    one warm-up window (which compiles the models of ``--compile``)."""
+    predict(torch.zeros((1, len(bands), TILE, TILE)))
     started = time.perf_counter()
     count = 0
     with (
@@ -219,6 +239,9 @@ def main() -> None:
     parser.add_argument("--block-size", type=int, help="refine's (default: refine's default)")
     parser.add_argument("--overlap", type=int, default=64)
     parser.add_argument("--threads", type=int, help="refine's blocks in flight")
+    parser.add_argument(
+        "--compile", action="store_true", help="refine --compile, and (a) and (e) compiled too"
+    )
     parser.add_argument("--workers", type=int, default=0, help="TorchGeo DataLoader workers")
     parser.add_argument("--skip", default="", help="runs to leave out, e.g. c,d")
     parser.add_argument("--workdir", default="/tmp/geoprn-bench")
@@ -237,8 +260,8 @@ def main() -> None:
     prn = None if args.no_prn else DEFAULT_PRN
     bands = read_header(DEFAULT_BASE, "base")["bands"]
     stages = 1 if prn is None else 2
-    predict = load_predict(DEFAULT_BASE, prn, device, args.precision)
-    user_predict = load_predict(DEFAULT_BASE, prn, device, None)
+    predict = load_predict(DEFAULT_BASE, prn, device, args.precision, args.compile)
+    user_predict = load_predict(DEFAULT_BASE, prn, device, None, False)
 
     grid = len(window_origins(info.height, TILE, args.overlap)) * len(
         window_origins(info.width, TILE, args.overlap)
@@ -248,7 +271,7 @@ def main() -> None:
     runs: dict[str, tuple[float, int]] = {}
     limits, refines = [], []
     for _ in range(args.repeats):  # (a) and (b) in turn, so drift in the machine hits both
-        limits.append(run_limit(info, bands, predict, grid, args.batch_size))
+        limits.append(run_limit(info, bands, predict, grid, args.batch_size, device, args.compile))
         started = time.perf_counter()
         record = refine(
             scene,
@@ -259,6 +282,7 @@ def main() -> None:
             batch_size=args.batch_size,
             overlap=args.overlap,
             threads=args.threads,
+            compile=args.compile,
             overwrite=True,
             resample="off",  # every run sees the scene's own pixels
             **({"block_size": args.block_size} if args.block_size else {}),
@@ -289,7 +313,7 @@ def main() -> None:
         f"{scene_tiles:.1f} tiles of 512²); {'base + PRN' if prn else 'base only'}; device "
         f"{name}, {torch.get_num_threads()} torch threads; precision {args.precision} "
         f"({autocast_dtype(device, args.precision) or 'fp32'}); batch {args.batch_size}; overlap "
-        f"{args.overlap}; block size {block_size}"
+        f"{args.overlap}; block size {block_size}{'; torch.compile' if args.compile else ''}"
     )
     print(
         "\n| run | windows | seconds | scene tiles/s | km²/h | (a)/(run) |\n"

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from geoprn.errors import InputError
-from geoprn.raster import reflect_index
+from geoprn.raster import mirrored
 from geoprn.tiling import (
     Block,
     Range,
@@ -80,6 +80,29 @@ def fast_math(device: torch.device, precision: str = "auto"):
     if dtype is None:
         return contextlib.nullcontext()
     return torch.autocast(device.type, dtype=dtype)
+
+
+_warmed: set[tuple] = set()
+_warming = threading.Lock()
+
+
+def warm_up(
+    model: torch.nn.Module, shape: tuple[int, ...], device: torch.device, precision: str
+) -> None:
+    """Run a compiled ``model`` once on zeros of ``shape``, as :func:`predict_region` feeds it
+    (channels-last, inference mode, ``precision``), one thread at a time.
+
+    ``torch.compile`` traces the model on its first call, and tracing while another thread
+    runs torch code can deadlock; so each block's thread calls this before any other torch
+    work, the first one compiles, and the others wait for it.
+    """
+    key = (id(model), shape, str(device), precision)
+    with _warming:
+        if key in _warmed:
+            return
+        with torch.inference_mode(), fast_math(device, precision):
+            model(torch.zeros(shape, device=device).contiguous(memory_format=torch.channels_last))
+        _warmed.add(key)
 
 
 class WindowCache:
@@ -203,6 +226,7 @@ def predict_region(
     precision: str = "auto",
     valid: np.ndarray | None = None,
     shared: SharedWindows | None = None,
+    full_batches: bool = False,
 ) -> tuple[torch.Tensor, int]:
     """Run ``model`` on every grid window touching ``out_region`` and blend them, on the device
     ``source`` lies on: the result stays there, ready for the next stage.
@@ -222,6 +246,8 @@ def predict_region(
         precision: see :func:`autocast_dtype`.
         valid: (H, W) bool over ``source_region`` on the host, False at nodata; None: all valid.
         shared: the cache of windows shared with other blocks; None: run every window.
+        full_batches: pad every batch to ``batch_size`` windows (with zeros, dropped after):
+            a compiled model then sees one input shape and compiles once.
 
     Returns:
         The blended (H_out, W_out) float32 probabilities on the device (meaningless where no
@@ -245,7 +271,9 @@ def predict_region(
         if batch:
             with torch.inference_mode(), fast_math(device, precision):
                 x = torch.stack([window(source, y, x) for y, x in batch]).float()
-                probs = model(x.contiguous(memory_format=torch.channels_last))
+                if full_batches and len(batch) < batch_size:
+                    x = torch.cat([x, x.new_zeros((batch_size - len(batch), *x.shape[1:]))])
+                probs = model(x.contiguous(memory_format=torch.channels_last))[: len(batch)]
             computed = iter(probs[:, 0].float())
         for y, x, prob in queue:
             if prob is None:
@@ -306,9 +334,10 @@ def predict_array(
     h, w = image.shape[-2:]
     origins = (window_origins(h, tile, overlap), window_origins(w, tile, overlap))
     rows, cols = cover(origins[0], (0, h), tile), cover(origins[1], (0, w), tile)
-    grid = np.ix_(reflect_index(np.arange(*rows), h), reflect_index(np.arange(*cols), w))
-    source = image[(slice(None), *grid)]
-    padded_valid = None if valid is None else valid[grid]
+    source = mirrored(lambda win: image[(..., *win.toslices())], rows, cols, h, w)
+    padded_valid = None
+    if valid is not None:
+        padded_valid = mirrored(lambda win: valid[win.toslices()], rows, cols, h, w)
     probs, _ = predict_region(
         model,
         to_device(source, torch.device(device)),

@@ -36,6 +36,7 @@ from geoprn.inference import (
     predict_region,
     resolve_device,
     to_device,
+    warm_up,
 )
 from geoprn.models.bpr import BoundaryRefiner
 from geoprn.models.checkpoint import (
@@ -47,7 +48,14 @@ from geoprn.models.checkpoint import (
     read_header,
 )
 from geoprn.quicklook import write_quicklook
-from geoprn.raster import SceneInfo, WorkGrid, open_scene, read_region, write_mask_cog
+from geoprn.raster import (
+    SceneInfo,
+    WorkGrid,
+    open_raster,
+    open_scene,
+    read_region,
+    write_mask_cog,
+)
 from geoprn.tiling import (
     DEFAULT_BLOCK_SIZE,
     Block,
@@ -95,6 +103,7 @@ class RefineJob:
     bpr: ModelRef | None = None
     precision: str = "auto"
     block_size: int = DEFAULT_BLOCK_SIZE
+    compile: bool = False
 
     @property
     def stages(self) -> list[tuple[str, list[ModelRef]]]:
@@ -147,6 +156,14 @@ def predict_stages(job: RefineJob, rows: Range, cols: Range) -> tuple[dict[str, 
     Returns:
         Variable name -> (H, W) float32 probabilities (0 at nodata), and the windows run.
     """
+    device = resolve_device(job.device)
+    models = [stage_model(refs, str(device), job.compile) for _, refs in job.stages]
+    if job.compile:  # before this thread does any other torch work
+        for (name, _), model in zip(job.stages, models, strict=True):
+            if not isinstance(model, BoundaryRefiner):
+                channels = len(job.bands) if name == "base" else 1
+                shape = (job.batch_size, channels, job.tile, job.tile)
+                warm_up(model, shape, device, job.precision)
     grid = job.grid
     origins = (
         window_origins(grid.height, job.tile, job.overlap),
@@ -162,7 +179,6 @@ def predict_stages(job: RefineJob, rows: Range, cols: Range) -> tuple[dict[str, 
             with grid.open(job.probs) as probs:
                 source = _read_probabilities(probs, *regions[0])
 
-    device = resolve_device(job.device)
     (ry0, _), (rx0, _) = regions[0]
     # each output: (probabilities on the device, top-left work-grid coordinate of the array);
     # they stay on the device from stage to stage, only the block's own pixels come back
@@ -172,10 +188,9 @@ def predict_stages(job: RefineJob, rows: Range, cols: Range) -> tuple[dict[str, 
         outputs["base"] = source[0], (ry0, rx0)
     invalid = to_device(~valid, device)
     windows = 0
-    for (name, refs), src_region, out_region, stage_shared in zip(
-        job.stages, regions[:-1], regions[1:], shared, strict=True
+    for (name, _), model, src_region, out_region, stage_shared in zip(
+        job.stages, models, regions[:-1], regions[1:], shared, strict=True
     ):
-        model = stage_model(refs, str(device))
         (sy0, sy1), (sx0, sx1) = src_region
         inside = np.s_[sy0 - ry0 : sy1 - ry0, sx0 - rx0 : sx1 - rx0]
         if isinstance(model, BoundaryRefiner):  # BPR sees the image beside the probabilities
@@ -193,6 +208,7 @@ def predict_stages(job: RefineJob, rows: Range, cols: Range) -> tuple[dict[str, 
             job.precision,
             valid[inside],
             stage_shared,
+            full_batches=job.compile,
         )
         windows += count
         (oy0, oy1), (ox0, ox1) = out_region
@@ -242,13 +258,14 @@ def shared_windows(job: RefineJob, origins: tuple[np.ndarray, np.ndarray]) -> li
     return SharedWindows.chain(SHARED_WINDOWS, key, origins, spans, job.tile, len(job.stages))
 
 
-def stage_model(refs: list[ModelRef], device: str) -> torch.nn.Module:
+def stage_model(refs: list[ModelRef], device: str, compiled: bool = False) -> torch.nn.Module:
     """The model of one stage, loaded once per worker: a base model, a PRN, or BPR run on
-    each window (after PRN when both are given)."""
+    each window (after PRN when both are given). ``compiled``: base model and PRN through
+    ``torch.compile`` (BPR, whose boxes vary in number, runs as it is)."""
     models = [load_cached(ref.path, ref.sha256, device) for ref in refs]
     meta = models[-1].geoprn_meta
     if meta["kind"] != "bpr":
-        return models[0]
+        return load_cached(refs[0].path, refs[0].sha256, device, True) if compiled else models[0]
     before = models[0] if len(models) == 2 else None
     return BoundaryRefiner(models[-1], before, meta["box"], meta["input_size"], meta["nms_iou"])
 
@@ -256,7 +273,7 @@ def stage_model(refs: list[ModelRef], device: str) -> torch.nn.Module:
 def process_block(job: RefineJob, block: Block) -> BlockResult:
     """Compute one block and write it to the store (runs on a Dask worker)."""
     started = time.perf_counter()
-    with rasterio.open(job.scene.path) as ds:
+    with open_raster(job.scene.path) as ds:
         _, valid = read_region(ds, None, block.rows, block.cols)
     if not valid.any():
         store.mark_done(job.paths, block, "skipped")
@@ -351,6 +368,7 @@ def refine(
     batch_size: int = 8,
     block_size: int = DEFAULT_BLOCK_SIZE,
     overlap: int = 64,
+    compile: bool = False,
     scheduler: str | None = None,
     threads: int | None = None,
     threshold: float = 0.5,
@@ -380,6 +398,8 @@ def refine(
         batch_size: windows per forward pass.
         block_size: pixels per block side, a multiple of 512; does not change the result.
         overlap: pixels shared by neighbouring 512 windows, blended linearly.
+        compile: run base model and PRN through ``torch.compile`` (each worker compiles once,
+            a minute or so on a GPU; ``benchmarks/RESULTS.md`` has the speed-up).
         scheduler: address of a ``distributed`` scheduler; the local one when None.
         threads: blocks in flight on the local scheduler (default: :func:`local_threads`).
         threshold: probability above which a pixel is road in the mask.
@@ -414,6 +434,7 @@ def refine(
         block_size,
         overlap,
         resample,
+        compile,
     )
     if job.grid.resampled:
         log.info("models run at %.3g x the scene's pixel size", job.grid.factor)
@@ -500,6 +521,7 @@ def _plan(
     block_size: int,
     overlap: int,
     resample: str,
+    compile: bool = False,
 ) -> RefineJob:
     """Check the models, bands and options against the scene; build the job."""
     base_ref = None
@@ -559,6 +581,7 @@ def _plan(
         bpr_ref,
         precision,
         block_size,
+        compile,
     )
 
 

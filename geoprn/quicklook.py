@@ -17,8 +17,9 @@ import numpy as np
 import rasterio
 from rasterio.enums import Resampling
 from rasterio.errors import NotGeoreferencedWarning
+from rasterio.windows import Window
 
-from geoprn.raster import SceneInfo
+from geoprn.raster import SceneInfo, open_raster
 
 GAP = 8
 ROAD = np.array([255.0, 32.0, 32.0])
@@ -34,6 +35,25 @@ def _stretch(image: np.ndarray, valid: np.ndarray) -> np.ndarray:
         out[i] = np.clip((band - low) / max(high - low, 1e-9), 0, 1) * 255
     rgb = out if len(out) >= 3 else np.repeat(out[:1], 3, axis=0)
     return np.moveaxis(rgb[:3], 0, -1)
+
+
+def _sampled(
+    ds: rasterio.DatasetReader, bands: list[int], step: int, shape: tuple[int, int]
+) -> tuple[np.ndarray, np.ndarray]:
+    """The scene's ``bands`` and validity at ``shape``: averaged from its overviews where it
+    has some, else every ``step``-th pixel (as the probability panels sample theirs) of strips
+    read at full resolution, whose blocks GDAL decodes in parallel (a decimated read of a
+    scene without overviews resamples it whole on one core)."""
+    if ds.overviews(bands[0]):
+        image = ds.read(bands, out_shape=(len(bands), *shape), resampling=Resampling.average)
+        return image, ds.dataset_mask(out_shape=shape, resampling=Resampling.nearest) > 0
+    rows = step * max(1, 512 // step)  # a multiple of step: the sampled rows stay on the grid
+    strips = [
+        Window(0, y0, ds.width, min(rows, ds.height - y0)) for y0 in range(0, ds.height, rows)
+    ]
+    image = [ds.read(bands, window=w)[:, ::step, ::step] for w in strips]
+    valid = [ds.dataset_mask(window=w)[::step, ::step] > 0 for w in strips]
+    return np.concatenate(image, axis=1), np.concatenate(valid)
 
 
 def write_quicklook(
@@ -54,12 +74,9 @@ def write_quicklook(
     """
     step = max(1, math.ceil(max(scene.height, scene.width) / max_side))
     shape = (math.ceil(scene.height / step), math.ceil(scene.width / step))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", NotGeoreferencedWarning)
-        with rasterio.open(scene.path) as ds:
-            shown = bands[:3] or list(range(1, min(ds.count, 3) + 1))
-            image = ds.read(shown, out_shape=(len(shown), *shape), resampling=Resampling.average)
-            valid = ds.dataset_mask(out_shape=shape, resampling=Resampling.nearest) > 0
+    with open_raster(scene.path) as ds:
+        shown = bands[:3] or list(range(1, min(ds.count, 3) + 1))
+        image, valid = _sampled(ds, shown, step, shape)
     rgb = _stretch(image, valid)
     panels = [np.where(valid[..., None], rgb, NODATA)]
     for values in probabilities.values():

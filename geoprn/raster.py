@@ -7,7 +7,9 @@ import logging
 import math
 import os
 import warnings
-from collections.abc import Iterator
+from collections import deque
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -154,6 +156,54 @@ def reflect_index(coords: np.ndarray, length: int) -> np.ndarray:
     return np.where(folded < length, folded, period - folded)
 
 
+GDAL_THREADS = "ALL_CPUS"
+"""Threads GDAL decodes and compresses raster blocks with (GeoTIFF, COG): one read of a
+block's region or one COG spans many 512 px blocks, which GDAL then handles in parallel."""
+
+
+@contextlib.contextmanager
+def open_raster(path: str | Path) -> Iterator[rasterio.DatasetReader]:
+    """Open a raster for reading, decoding its blocks on ``GDAL_THREADS`` threads (no warning
+    for a raster without georeferencing: ``open_scene`` has decided about those)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", NotGeoreferencedWarning)
+        with rasterio.Env(GDAL_NUM_THREADS=GDAL_THREADS), rasterio.open(path) as ds:
+            yield ds
+
+
+def mirrored(
+    read: Callable[[Window], np.ndarray], rows: Range, cols: Range, height: int, width: int
+) -> np.ndarray:
+    """``[..., rows, cols]`` of a ``height`` x ``width`` raster whose ``read(window)`` gives
+    (..., h, w) arrays, for ranges that may extend past its edges: mirrored there as
+    :func:`reflect_index` mirrors.
+
+    Where one mirror covers the margins (any block of a scene larger than its halo), only the
+    part inside is read and the margins are mirrored with ``np.pad``; otherwise (tiny scenes)
+    the covering window is read and indexed.
+    """
+    spans = [_inside_and_margins(rows, height), _inside_and_margins(cols, width)]
+    if None not in spans:
+        (y0, y1, *ypad), (x0, x1, *xpad) = spans
+        data = read(Window(x0, y0, x1 - x0, y1 - y0))
+        if any(ypad) or any(xpad):
+            data = np.pad(data, [(0, 0)] * (data.ndim - 2) + [ypad, xpad], mode="reflect")
+        return data
+    iy = reflect_index(np.arange(*rows), height)
+    ix = reflect_index(np.arange(*cols), width)
+    y0, x0 = int(iy.min()), int(ix.min())
+    data = read(Window(x0, y0, int(ix.max()) + 1 - x0, int(iy.max()) + 1 - y0))
+    return data[(..., *np.ix_(iy - y0, ix - x0))]
+
+
+def _inside_and_margins(span: Range, length: int) -> tuple[int, int, int, int] | None:
+    """(start, stop, before, after): ``span`` is the axis' ``[start, stop)`` with ``before``
+    and ``after`` pixels beyond it; None when a margin is too wide to mirror once."""
+    start, stop = max(span[0], 0), min(span[1], length)
+    before, after = start - span[0], span[1] - stop
+    return (start, stop, before, after) if max(before, after) < stop - start else None
+
+
 def read_region(
     ds: rasterio.DatasetReader,
     bands: list[int] | None,
@@ -171,18 +221,27 @@ def read_region(
         ``(data, valid)``: data (C, H, W) in the raster's dtype (None without bands), and
         valid (H, W) bool from the dataset mask (nodata value, alpha band or internal mask).
     """
-    iy = reflect_index(np.arange(*rows), ds.height)
-    ix = reflect_index(np.arange(*cols), ds.width)
-    y0, x0 = int(iy.min()), int(ix.min())
-    window = Window(x0, y0, int(ix.max()) + 1 - x0, int(iy.max()) + 1 - y0)
-    inside = rows[0] >= 0 and cols[0] >= 0 and rows[1] <= ds.height and cols[1] <= ds.width
-    grid = (slice(None), slice(None)) if inside else np.ix_(iy - y0, ix - x0)  # no copy inside
     try:
-        valid = (ds.dataset_mask(window=window) > 0)[grid]
-        data = None if bands is None else ds.read(bands, window=window)[(slice(None), *grid)]
+        valid = mirrored(lambda w: ds.dataset_mask(window=w) > 0, rows, cols, ds.height, ds.width)
+        data = None
+        if bands is not None:
+            data = mirrored(lambda w: ds.read(bands, window=w), rows, cols, ds.height, ds.width)
     except RasterioError as exc:
-        raise InputError(f"cannot read {window} of {ds.name}: {_first_line(exc)}") from None
+        raise InputError(f"cannot read {rows} x {cols} of {ds.name}: {_first_line(exc)}") from None
     return data, valid
+
+
+def read_ahead(read: Callable[[int], np.ndarray], starts: range, ahead: int = 4) -> Iterator:
+    """``read(start)`` for each start, in order, with up to ``ahead`` reads running in
+    threads ahead of the consumer: decompression overlaps writing, memory stays bounded."""
+    with ThreadPoolExecutor(ahead) as pool:
+        pending: deque[Future] = deque()
+        for start in starts:
+            pending.append(pool.submit(read, start))
+            if len(pending) > ahead:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
 
 
 def write_mask_cog(
@@ -209,15 +268,19 @@ def write_mask_cog(
         "blockxsize": chunk,
         "blockysize": chunk,
         "compress": "deflate",
+        "num_threads": GDAL_THREADS,
     }
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", NotGeoreferencedWarning)
+
+        def mask_strip(y0: int) -> np.ndarray:
+            strip = np.asarray(probabilities[y0 : y0 + chunk, :])
+            return np.where(np.isnan(strip), 255, strip > threshold).astype("uint8")
+
+        starts = range(0, scene.height, chunk)
         with rasterio.open(tmp, "w", **profile) as dst:
-            for y0 in range(0, scene.height, chunk):
-                y1 = min(y0 + chunk, scene.height)
-                strip = np.asarray(probabilities[y0:y1, :])
-                mask = np.where(np.isnan(strip), 255, strip > threshold).astype("uint8")
-                dst.write(mask, 1, window=Window(0, y0, scene.width, y1 - y0))
+            for y0, mask in zip(starts, read_ahead(mask_strip, starts), strict=True):
+                dst.write(mask, 1, window=Window(0, y0, scene.width, mask.shape[0]))
         final = path.with_name(path.name + ".part")
         rasterio.shutil.copy(
             tmp,
@@ -226,6 +289,7 @@ def write_mask_cog(
             compress="deflate",
             blocksize=chunk,
             overview_resampling="nearest",
+            num_threads=GDAL_THREADS,
         )
     tmp.unlink()
     final.replace(path)
@@ -297,19 +361,17 @@ class WorkGrid:
     def open(self, path: str) -> Iterator[rasterio.io.DatasetReaderBase]:
         """Open a raster on the scene's grid as seen on this grid (a WarpedVRT when resampled,
         averaging scene pixels into work pixels)."""
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", NotGeoreferencedWarning)
-            with rasterio.open(path) as ds:
-                if not self.resampled:
-                    yield ds
-                    return
-                transform = ds.transform @ Affine.scale(self.factor)
-                with WarpedVRT(
-                    ds,
-                    crs=ds.crs,
-                    transform=transform,
-                    width=self.width,
-                    height=self.height,
-                    resampling=Resampling.average,
-                ) as vrt:
-                    yield vrt
+        with open_raster(path) as ds:
+            if not self.resampled:
+                yield ds
+                return
+            transform = ds.transform @ Affine.scale(self.factor)
+            with WarpedVRT(
+                ds,
+                crs=ds.crs,
+                transform=transform,
+                width=self.width,
+                height=self.height,
+                resampling=Resampling.average,
+            ) as vrt:
+                yield vrt

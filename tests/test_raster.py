@@ -5,7 +5,7 @@ import pytest
 import rasterio
 
 from geoprn.errors import InputError
-from geoprn.raster import open_scene, read_region, reflect_index, write_mask_cog
+from geoprn.raster import mirrored, open_scene, read_region, reflect_index, write_mask_cog
 from tests.conftest import SAMPLE_SCENE, massachusetts_pixels, write_raster
 
 
@@ -16,6 +16,20 @@ def test_reflect_index_matches_numpy_reflect_padding():
         expected = np.pad(values, pad, mode="reflect") if length > 1 else np.zeros(2 * pad + 1)
         got = values[reflect_index(np.arange(-pad, length + pad), length)]
         np.testing.assert_array_equal(got, expected)
+
+
+def test_mirrored_reads_equal_reflect_index_for_any_range():
+    """The slice-and-pad path (one mirror) and the gather path (wide margins, ranges wholly
+    outside) both give the pixels reflect_index names."""
+    rng = np.random.default_rng(0)
+    for _ in range(2000):
+        h, w = (int(n) for n in rng.integers(1, 30, 2))
+        array = rng.integers(0, 255, (2, h, w))
+        r0, c0 = (int(n) for n in rng.integers(-50, 50, 2))
+        r1, c1 = r0 + int(rng.integers(1, 60)), c0 + int(rng.integers(1, 60))
+        got = mirrored(lambda win, a=array: a[(..., *win.toslices())], (r0, r1), (c0, c1), h, w)
+        iy, ix = reflect_index(np.arange(r0, r1), h), reflect_index(np.arange(c0, c1), w)
+        np.testing.assert_array_equal(got, array[(..., *np.ix_(iy, ix))])
 
 
 def test_read_region_past_the_edges_is_the_reflected_scene():

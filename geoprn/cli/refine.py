@@ -82,6 +82,13 @@ def _bands(ctx: click.Context, param: click.Parameter, value: str | None) -> lis
     help="Pixels shared by neighbouring 512 windows, blended linearly.",
 )
 @click.option(
+    "--compile",
+    "compile_models",
+    is_flag=True,
+    help="Compile base model and PRN with torch.compile: about 2x faster on a GPU once "
+    "compiled, which takes a minute or so per worker; worth it on large scenes.",
+)
+@click.option(
     "--scheduler",
     help="Address of a Dask distributed scheduler, tcp://HOST:PORT (default: local threads).",
 )
@@ -126,6 +133,7 @@ def refine(
     batch_size,
     block_size,
     overlap,
+    compile_models,
     scheduler,
     threads,
     threshold,
@@ -171,6 +179,7 @@ def refine(
             batch_size=batch_size,
             block_size=block_size,
             overlap=overlap,
+            compile=compile_models,
             scheduler=scheduler,
             threads=threads,
             threshold=threshold,

@@ -130,13 +130,17 @@ def load_model(
 
 
 @lru_cache(maxsize=8)
-def load_cached(path: str, sha256: str, device: str) -> Predictor:
+def load_cached(path: str, sha256: str, device: str, compiled: bool = False) -> Predictor:
     """Load a checkpoint once per process (a Dask worker keeps its models across tasks).
 
     ``sha256`` is part of the cache key so a file replaced on disk is loaded afresh. Batch
     norms are folded into their convolutions and the weights laid out channels-last, the
-    layout convolutions run fastest in (``benchmarks/model_speed.py``).
+    layout convolutions run fastest in (``benchmarks/model_speed.py``). ``compiled``: wrapped
+    in ``torch.compile`` for one input shape (callers keep their batches full); it compiles on
+    its first call, once per process.
     """
+    if compiled:  # the same weights, through the compiler
+        return torch.compile(load_cached(path, sha256, device), dynamic=False)
     model = load_model(path, device=device)
     fold_batchnorm(model)
     return model.to(memory_format=torch.channels_last)
