@@ -17,6 +17,7 @@ import socket
 import time
 import warnings
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -471,10 +472,16 @@ def refine(
             raise InputError(f"{info.path} has no valid pixels: every block is nodata")
     blocks_seconds = time.perf_counter() - started
 
-    mask_source = store.open_variable(job.paths, job.variables[-1])
-    write_mask_cog(mask_source, info, job.paths.mask, threshold)
     variables = {name: store.open_variable(job.paths, name) for name in job.variables}
-    write_quicklook(info, job.bands, variables, job.paths.quicklook)
+    with ThreadPoolExecutor(2) as pool:  # both only read the finished store: side by side
+        written = [
+            pool.submit(
+                write_mask_cog, variables[job.variables[-1]], info, job.paths.mask, threshold
+            ),
+            pool.submit(write_quicklook, info, job.bands, variables, job.paths.quicklook),
+        ]
+        for future in written:
+            future.result()
     outputs = {"zarr": job.paths.zarr, "mask": job.paths.mask, "quicklook": job.paths.quicklook}
     if vectors:
         roads = extract_roads(
