@@ -17,6 +17,10 @@ class OutputError(GeoprnError):
     """An output folder cannot be written, or holds outputs the command must not overwrite."""
 
 
+class CompileError(GeoprnError):
+    """``torch.compile`` cannot compile a model here (no C++ compiler, no Triton...)."""
+
+
 class SchedulerError(GeoprnError):
     """The Dask scheduler cannot be reached or a block task failed."""
 

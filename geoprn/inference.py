@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from geoprn.errors import InputError
+from geoprn.errors import CompileError, InputError
 from geoprn.raster import mirrored
 from geoprn.tiling import (
     Block,
@@ -100,8 +100,13 @@ def warm_up(
     with _warming:
         if key in _warmed:
             return
-        with torch.inference_mode(), fast_math(device, precision):
-            model(torch.zeros(shape, device=device).contiguous(memory_format=torch.channels_last))
+        try:  # an inference tensor, as predict_region's: the compiled code's guards check
+            with torch.inference_mode(), fast_math(device, precision):
+                x = torch.zeros(shape, device=device)
+                model(x.contiguous(memory_format=torch.channels_last))
+        except Exception as exc:  # the compiler's own failures, whatever their type
+            reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise CompileError(f"--compile failed: {reason}; run without --compile") from None
         _warmed.add(key)
 
 

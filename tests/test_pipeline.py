@@ -380,3 +380,19 @@ def test_compiled_models_give_the_eager_outputs(reference, mass_scene, models, t
         np.testing.assert_array_equal(np.isnan(compiled), np.isnan(eager))
         np.testing.assert_allclose(compiled, eager, atol=0.02)
     assert (mask(tmp_path) == mask(reference)).mean() > 0.999
+
+
+def test_a_compiler_that_cannot_compile_is_one_line(mass_scene, models, tmp_path):
+    """No C++ compiler for torch.compile (CXX names none, empty compile cache): one line
+    naming the failure and the way out, exit 1, no traceback."""
+    command = [sys.executable, "-m", "geoprn", "refine", str(mass_scene), "-o", str(tmp_path)]
+    options = ["--base", str(models["base"]), "--no-prn", "--device", "cpu", "--compile"]
+    env = {
+        **os.environ,
+        "CXX": "/nonexistent/c++",
+        "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor"),
+    }
+    run = subprocess.run(command + options, capture_output=True, text=True, timeout=600, env=env)
+    assert run.returncode == 1
+    assert "Traceback" not in run.stderr
+    assert "--compile failed" in run.stderr and "run without --compile" in run.stderr
