@@ -400,7 +400,7 @@ def refine(
         block_size: pixels per block side, a multiple of 512; does not change the result.
         overlap: pixels shared by neighbouring 512 windows, blended linearly.
         compile: run base model and PRN through ``torch.compile`` (each worker compiles once,
-            a minute or so on a GPU; ``benchmarks/RESULTS.md`` has the speed-up).
+            about 20 s on an H100; ``benchmarks/RESULTS.md`` has the speed-up).
         scheduler: address of a ``distributed`` scheduler; the local one when None.
         threads: blocks in flight on the local scheduler (default: :func:`local_threads`).
         threshold: probability above which a pixel is road in the mask.
