@@ -270,14 +270,14 @@ def write_mask_cog(
         "compress": "deflate",
         "num_threads": GDAL_THREADS,
     }
+
+    def mask_strip(y0: int) -> np.ndarray:
+        strip = np.asarray(probabilities[y0 : y0 + chunk, :])
+        return np.where(np.isnan(strip), 255, strip > threshold).astype("uint8")
+
+    starts = range(0, scene.height, chunk)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", NotGeoreferencedWarning)
-
-        def mask_strip(y0: int) -> np.ndarray:
-            strip = np.asarray(probabilities[y0 : y0 + chunk, :])
-            return np.where(np.isnan(strip), 255, strip > threshold).astype("uint8")
-
-        starts = range(0, scene.height, chunk)
         with rasterio.open(tmp, "w", **profile) as dst:
             for y0, mask in zip(starts, read_ahead(mask_strip, starts), strict=True):
                 dst.write(mask, 1, window=Window(0, y0, scene.width, mask.shape[0]))
