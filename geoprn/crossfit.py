@@ -8,6 +8,7 @@ that left its fold out. PRN then trains on those (``train_prn(probs_dir=...)``).
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 from collections.abc import Sequence
@@ -17,6 +18,7 @@ from typing import Any
 import numpy as np
 import rasterio
 
+from geoprn.cluster import process_cluster
 from geoprn.data import TilePair, load_tiles
 from geoprn.errors import InputError
 from geoprn.inference import predict_array, resolve_device
@@ -45,6 +47,8 @@ def crossfit_probabilities(
     device: str = "auto",
     max_minutes: float | None = None,
     progress: Progress | None = None,
+    fold_workers: int = 1,
+    scheduler: str | None = None,
 ) -> Path:
     """Train K base models and write each tile's out-of-fold probabilities.
 
@@ -57,43 +61,81 @@ def crossfit_probabilities(
             (its probabilities written) is not trained again: a crashed run resumes.
         seed, device, progress: as for :func:`geoprn.train.train_base`.
         max_minutes: the time cap of each fold's training.
+        fold_workers: folds trained at once, each in a worker process of a local Dask
+            cluster (sharing the device); 1 trains them one after another in this process.
+        scheduler: the address of a Dask scheduler whose workers train the folds instead
+            (they must see ``tiles`` and ``workdir`` at the same paths).
 
     Returns:
         The folder of probability rasters, for ``train_prn(probs_dir=...)``.
     """
     workdir = Path(workdir)
-    probs_dir = workdir / "probs"
-    probs_dir.mkdir(parents=True, exist_ok=True)
+    (workdir / "probs").mkdir(parents=True, exist_ok=True)
     dealt = deal_folds(as_pairs(tiles), folds, seed)
-    device_ = resolve_device(device)
-    manifest = []
-    for k, held_out in enumerate(dealt):
-        others = [p for j, fold in enumerate(dealt) if j != k for p in fold]
-        checkpoint = workdir / f"base_fold{k}.safetensors"
-        done = workdir / f"fold{k}.done"
-        if not done.is_file():
-            log.info("fold %d/%d: training on %d tiles", k + 1, folds, len(others))
-            train_base(
-                others,
-                base_config,
-                checkpoint,
-                seed=seed,
-                overwrite=True,
-                max_minutes=max_minutes,
-                device=str(device_),
-                progress=progress,
-            )
-            model = load_model(checkpoint, "base", device_)
-            meta = model.geoprn_meta
-            for tile in load_tiles(held_out, meta["bands"], meta.get("nodata")):
-                probs = predict_array(model, tile.image, device=device_)
-                _write_probabilities(probs, probs_dir / f"{Path(tile.name).stem}.tif")
-            done.write_text("\n".join(p.name for p in held_out))
-        manifest.append(
-            {"fold": k, "checkpoint": checkpoint.name, "held_out": [p.name for p in held_out]}
-        )
+    todo = [k for k in range(folds) if not (workdir / f"fold{k}.done").is_file()]
+    train = functools.partial(
+        train_fold,
+        dealt=dealt,
+        base_config=base_config,
+        workdir=workdir,
+        seed=seed,
+        device=device,
+        max_minutes=max_minutes,
+    )
+    if scheduler is None and fold_workers == 1:
+        for k in todo:
+            train(k, progress=progress)
+    elif todo:
+        from distributed import as_completed
+
+        with process_cluster(scheduler, fold_workers) as client:
+            for future in as_completed(client.map(train, todo, pure=False)):
+                log.info("fold %d/%d done", future.result() + 1, folds)
+    manifest = [
+        {"fold": k, "checkpoint": _checkpoint(workdir, k).name, "held_out": [p.name for p in f]}
+        for k, f in enumerate(dealt)
+    ]
     (workdir / "folds.json").write_text(json.dumps(manifest, indent=1))
-    return probs_dir
+    return workdir / "probs"
+
+
+def train_fold(
+    k: int,
+    dealt: list[list[TilePair]],
+    base_config: dict[str, Any],
+    workdir: Path,
+    seed: int,
+    device: str,
+    max_minutes: float | None,
+    progress: Progress | None = None,
+) -> int:
+    """Train fold ``k``'s base model on the other folds, write the probabilities of the tiles
+    it left out and mark the fold done (one task of :func:`crossfit_probabilities`)."""
+    others = [p for j, fold in enumerate(dealt) if j != k for p in fold]
+    log.info("fold %d/%d: training on %d tiles", k + 1, len(dealt), len(others))
+    checkpoint = _checkpoint(workdir, k)
+    device_ = resolve_device(device)
+    train_base(
+        others,
+        base_config,
+        checkpoint,
+        seed=seed,
+        overwrite=True,
+        max_minutes=max_minutes,
+        device=str(device_),
+        progress=progress,
+    )
+    model = load_model(checkpoint, "base", device_)
+    meta = model.geoprn_meta
+    for tile in load_tiles(dealt[k], meta["bands"], meta.get("nodata")):
+        probs = predict_array(model, tile.image, device=device_)
+        _write_probabilities(probs, workdir / "probs" / f"{Path(tile.name).stem}.tif")
+    (workdir / f"fold{k}.done").write_text("\n".join(p.name for p in dealt[k]))
+    return k
+
+
+def _checkpoint(workdir: Path, k: int) -> Path:
+    return workdir / f"base_fold{k}.safetensors"
 
 
 def _write_probabilities(probs: np.ndarray, path: Path) -> None:
@@ -112,16 +154,28 @@ def train_prn_crossfit(
     device: str = "auto",
     max_minutes: float | None = None,
     progress: Progress | None = None,
+    fold_workers: int = 1,
+    scheduler: str | None = None,
     **options: Any,
 ) -> dict[str, Any]:
     """Train PRN on out-of-fold probabilities of K base models (see the module docstring).
 
-    The fold models and probabilities live in ``<out_path>.folds/``; ``options`` go to
+    The fold models and probabilities live in ``<out_path>.folds/``; ``fold_workers`` and
+    ``scheduler`` are :func:`crossfit_probabilities`'s; ``options`` go to
     :func:`geoprn.train.train_prn` (``val_fraction``, ``resume``, ``overwrite``, ``half``...).
     """
     workdir = Path(str(out_path) + ".folds")
     probs_dir = crossfit_probabilities(
-        tiles, base_config, folds, workdir, seed, device, max_minutes, progress
+        tiles,
+        base_config,
+        folds,
+        workdir,
+        seed,
+        device,
+        max_minutes,
+        progress,
+        fold_workers,
+        scheduler,
     )
     summary = train_prn(
         tiles,

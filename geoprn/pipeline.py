@@ -8,7 +8,6 @@ When every block is done, the mask COG is streamed from the store.
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import json
 import logging
@@ -16,7 +15,7 @@ import os
 import socket
 import time
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -29,7 +28,8 @@ import torch
 from dask.callbacks import Callback
 
 from geoprn import store
-from geoprn.errors import GeoprnWarning, InputError, SchedulerError
+from geoprn.cluster import connect
+from geoprn.errors import GeoprnWarning, InputError
 from geoprn.inference import (
     SharedWindows,
     WindowCache,
@@ -301,22 +301,6 @@ class _BlockProgress(Callback):
     def _posttask(self, key, result, dsk, state, worker_id):
         if isinstance(result, BlockResult):
             self.report(result)
-
-
-@contextlib.contextmanager
-def connect(scheduler: str | None) -> Iterator[Client | None]:
-    """A client of the ``distributed`` scheduler at ``scheduler``; None for the local one."""
-    if scheduler is None:
-        yield None
-        return
-    from distributed import Client
-
-    try:
-        client = Client(scheduler, timeout="5s")
-    except (OSError, TimeoutError, ValueError) as exc:
-        raise SchedulerError(f"cannot reach the Dask scheduler at {scheduler}: {exc}") from None
-    with client:
-        yield client
 
 
 def local_threads(device: str) -> int:

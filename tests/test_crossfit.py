@@ -53,7 +53,19 @@ def test_deal_folds_is_seeded_disjoint_and_complete(tiles):
         deal_folds(pairs, 5, seed=0)
 
 
-def test_each_tile_is_predicted_by_the_model_that_left_it_out(crossfit, tiles):
+@pytest.fixture(scope="module")
+def crossfit_on_cluster(tiles, base_config, tmp_path_factory) -> Path:
+    """Both folds at once, in the two worker processes of a local Dask cluster, each loading
+    its crops in a DataLoader process of its own."""
+    workdir = tmp_path_factory.mktemp("folds_cluster")
+    config = {**base_config, "workers": 1}
+    crossfit_probabilities([tiles], config, 2, workdir, device="cpu", fold_workers=2)
+    return workdir
+
+
+@pytest.mark.parametrize("workdir", ["crossfit", "crossfit_on_cluster"])
+def test_each_tile_is_predicted_by_the_model_that_left_it_out(workdir, tiles, request):
+    crossfit = request.getfixturevalue(workdir)
     manifest = json.loads((crossfit / "folds.json").read_text())
     assert [f["fold"] for f in manifest] == [0, 1]
     loaded = {t.name: t for t in load_tiles(discover_pairs([tiles]), [1, 2, 3], 255)}
@@ -67,6 +79,7 @@ def test_each_tile_is_predicted_by_the_model_that_left_it_out(crossfit, tiles):
                 written = ds.read(1)
             np.testing.assert_array_equal(written, predict_array(model, loaded[name].image))
             assert not np.array_equal(written, predict_array(other, loaded[name].image))
+    assert sorted(p.name for p in crossfit.glob("fold*.done")) == ["fold0.done", "fold1.done"]
 
 
 def test_done_folds_are_not_trained_again(crossfit, tiles, base_config):
@@ -108,3 +121,12 @@ def test_cli_folds_excludes_base(tiles, tmp_path):
         ],
     )
     assert result.exit_code == 2 and "--folds trains its own base models" in result.output
+
+
+def test_cli_fold_workers_need_folds(tiles, tmp_path):
+    out = str(tmp_path / "p.safetensors")
+    args = ["train", "prn", str(tiles), "-o", out, "--base", "x.safetensors", "--fold-workers", "2"]
+    result = CliRunner().invoke(cli, args)
+    assert (
+        result.exit_code == 2 and "--fold-workers and --scheduler go with --folds" in result.output
+    )

@@ -182,8 +182,30 @@ def base(tiles, output, config_name, nodata, val_tiles, **options) -> None:
     show_default=True,
     help="With --folds: the config of the fold base models.",
 )
+@click.option(
+    "--fold-workers",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="With --folds: folds trained at once, in worker processes sharing the device.",
+)
+@click.option(
+    "--scheduler",
+    help="With --folds: a Dask scheduler address (tcp://HOST:PORT) whose workers train the "
+    "folds; they must see TILES and OUTPUT at the same paths.",
+)
 def prn(
-    tiles, output, config_name, base, probs_dir, folds, base_config, val_tiles, **options
+    tiles,
+    output,
+    config_name,
+    base,
+    probs_dir,
+    folds,
+    base_config,
+    fold_workers,
+    scheduler,
+    val_tiles,
+    **options,
 ) -> None:
     """Train a PatchRefineNet on TILES for a base model and save its best weights to OUTPUT.
 
@@ -193,13 +215,20 @@ def prn(
     overrides = {k: options.pop(k) for k in OVERRIDES}
     config = load_config(config_name, lr=options.pop("lr"), **overrides)
     if folds is None:
+        if fold_workers != 1 or scheduler:
+            raise click.UsageError("--fold-workers and --scheduler go with --folds")
         sources = {"base": base, "probs_dir": probs_dir}
         trainer = train_prn
     elif base or probs_dir:
         raise click.UsageError("--folds trains its own base models: drop --base and --probs")
     else:
         base_settings = load_config(base_config, road_width=config["road_width"])
-        sources = {"base_config": base_settings, "folds": folds}
+        sources = {
+            "base_config": base_settings,
+            "folds": folds,
+            "fold_workers": fold_workers,
+            "scheduler": scheduler,
+        }
         trainer = train_prn_crossfit
     summary = _run(
         trainer,
