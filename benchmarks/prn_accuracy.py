@@ -16,6 +16,10 @@ the base and PRN probabilities are cached (``--cache``) so later runs only redo 
 
     python benchmarks/prn_accuracy.py                        # shipped weights, Massachusetts test
     python benchmarks/prn_accuracy.py --base B.safetensors --prn P.safetensors --device cuda
+    python benchmarks/prn_accuracy.py --prn split.safetensors --prn crossfit.safetensors --bpr none
+
+``--prn`` given more than once adds a row per PRN (e.g. one trained on the val split, one
+cross-fitted), all on the same base probabilities; BPR runs after the first.
 """
 
 from __future__ import annotations
@@ -94,7 +98,7 @@ def main() -> None:
     parser.add_argument("--dataset", default="massachusetts")
     parser.add_argument("--split", default="test")
     parser.add_argument("--base", default=str(DEFAULT_BASE))
-    parser.add_argument("--prn", default=str(DEFAULT_PRN))
+    parser.add_argument("--prn", action="append", help="repeatable (default: the shipped PRN)")
     parser.add_argument("--bpr", default=str(DEFAULT_BPR), help="'none' leaves the BPR rows out")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--precision", choices=PRECISIONS, default="auto", help="as refine's")
@@ -105,6 +109,7 @@ def main() -> None:
         help="Zarr cache of the base and PRN probabilities (reused by later runs)",
     )
     args = parser.parse_args()
+    prns = args.prn or [str(DEFAULT_PRN)]
     device = resolve_device(args.device)
     header = read_header(args.base, "base")
     bands, nodata = header["bands"], header.get("nodata")
@@ -124,19 +129,21 @@ def main() -> None:
     test = load_tiles(split_tiles(args.dataset, args.split), bands, nodata)
     probs = base_probs(test)
     names = [t.name for t in test]
-    refined = refined_probabilities(
-        probs, names, args.cache, args.prn, args.batch_size, device, args.precision
-    )
-    patch = int(read_header(args.prn, "prn")["patch_size"])
+    patch = int(read_header(prns[0], "prn")["patch_size"])
     rows = {
         "base @ 0.5": scores([p > 0.5 for p in probs], test),
         f"base @ {best_tau:.2f} (best global on val)": scores([p > best_tau for p in probs], test),
-        "base + PRN @ 0.5": scores([r > 0.5 for r in refined], test),
     }
+    for prn_path in prns:
+        refined = refined_probabilities(
+            probs, names, args.cache, prn_path, args.batch_size, device, args.precision
+        )
+        label = "PRN" if len(prns) == 1 else f"PRN {Path(prn_path).name}"
+        rows[f"base + {label} @ 0.5"] = scores([r > 0.5 for r in refined], test)
     costs = []
     if args.bpr != "none":
         bpr, prn = (load_cached(str(Path(p).resolve()), file_sha256(p), str(device))
-                    for p in (args.bpr, args.prn))  # fmt: skip
+                    for p in (args.bpr, prns[0]))  # fmt: skip
         meta = bpr.geoprn_meta
         for name, before in (("base + BPR", None), ("base + PRN + BPR", prn)):
             model = BoundaryRefiner(bpr, before, meta["box"], meta["input_size"], meta["nms_iou"])
@@ -150,7 +157,7 @@ def main() -> None:
     )
     print(
         f"{args.dataset} {args.split} split, {len(test)} tiles; base {Path(args.base).name}, "
-        f"PRN {Path(args.prn).name}, BPR {Path(args.bpr).name}; device {device}, "
+        f"PRN {', '.join(Path(p).name for p in prns)}, BPR {Path(args.bpr).name}; device {device}, "
         f"{autocast_dtype(device, args.precision) or 'fp32'}; "
         f"{time.perf_counter() - started:.0f} s"
     )
