@@ -11,12 +11,14 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import rasterio
+from rasterio.errors import NotGeoreferencedWarning
 
 from geoprn.cluster import process_cluster
 from geoprn.data import TilePair, load_tiles
@@ -90,7 +92,10 @@ def crossfit_probabilities(
 
         with process_cluster(scheduler, fold_workers) as client:
             for future in as_completed(client.map(train, todo, pure=False)):
-                log.info("fold %d/%d done", future.result() + 1, folds)
+                k = future.result()
+                log.info("fold %d/%d done", k + 1, folds)
+                if progress is not None:
+                    progress("fold", {"fold": k + 1, "folds": folds, "held_out": len(dealt[k])})
     manifest = [
         {"fold": k, "checkpoint": _checkpoint(workdir, k).name, "held_out": [p.name for p in f]}
         for k, f in enumerate(dealt)
@@ -140,8 +145,10 @@ def _checkpoint(workdir: Path, k: int) -> Path:
 
 def _write_probabilities(probs: np.ndarray, path: Path) -> None:
     profile = {"driver": "GTiff", "width": probs.shape[1], "height": probs.shape[0], "count": 1}
-    with rasterio.open(path, "w", dtype="float32", compress="deflate", **profile) as dst:
-        dst.write(probs.astype(np.float32), 1)
+    with warnings.catch_warnings():  # tiles need no georeference (PNG tiles have none)
+        warnings.simplefilter("ignore", NotGeoreferencedWarning)
+        with rasterio.open(path, "w", dtype="float32", compress="deflate", **profile) as dst:
+            dst.write(probs.astype(np.float32), 1)
 
 
 def train_prn_crossfit(

@@ -55,7 +55,8 @@ log = logging.getLogger(__name__)
 
 Progress = Callable[[str, dict[str, Any]], None]
 """``progress(event, info)``; events: ``start`` (total_steps, done_steps), ``step`` (epoch, step,
-loss), ``epoch`` (epoch, val_road_iou, best_val_road_iou, lr, minutes)."""
+loss), ``epoch`` (epoch, val_road_iou, best_val_road_iou, lr, minutes); cross-fitting on a
+cluster adds ``fold`` (fold, folds, held_out) as each fold finishes."""
 
 DEFAULTS: dict[str, Any] = {
     "kind": "base",

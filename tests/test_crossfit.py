@@ -4,11 +4,14 @@ that did not train on it, then PRN on all of them."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import rasterio
+import yaml
 from click.testing import CliRunner
 
 from geoprn.cli.main import cli
@@ -59,7 +62,17 @@ def crossfit_on_cluster(tiles, base_config, tmp_path_factory) -> Path:
     its crops in a DataLoader process of its own."""
     workdir = tmp_path_factory.mktemp("folds_cluster")
     config = {**base_config, "workers": 1}
-    crossfit_probabilities([tiles], config, 2, workdir, device="cpu", fold_workers=2)
+    events = []
+    crossfit_probabilities(
+        [tiles],
+        config,
+        2,
+        workdir,
+        device="cpu",
+        fold_workers=2,
+        progress=lambda event, info: events.append((event, info)),
+    )
+    assert sorted(info["fold"] for event, info in events if event == "fold") == [1, 2]
     return workdir
 
 
@@ -130,3 +143,24 @@ def test_cli_fold_workers_need_folds(tiles, tmp_path):
     assert (
         result.exit_code == 2 and "--fold-workers and --scheduler go with --folds" in result.output
     )
+
+
+def test_cli_fold_workers_trains_quietly(tiles, base_config, tmp_path):
+    """`train prn --folds 2 --fold-workers 2` as a user runs it: one line per finished fold,
+    none of the local Dask cluster's own log lines."""
+    configs = {
+        "base.yaml": base_config,
+        "prn.yaml": {**load_config("prn_p64"), **SMALL_PRN, "epochs": 1, "steps_per_epoch": 1},
+    }
+    for name, config in configs.items():
+        (tmp_path / name).write_text(yaml.safe_dump(config))
+    args = ["train", "prn", str(tiles), "-o", str(tmp_path / "p.safetensors"), "--folds", "2"]
+    args += ["--fold-workers", "2", "--base-config", str(tmp_path / "base.yaml")]
+    args += ["--config", str(tmp_path / "prn.yaml"), "--device", "cpu", "--val-fraction", "0.25"]
+    done = subprocess.run(
+        [sys.executable, "-m", "geoprn", *args], capture_output=True, text=True, timeout=600
+    )
+    assert done.returncode == 0, done.stderr
+    assert "fold 1/2 trained" in done.stdout + done.stderr
+    assert "fold 2/2 trained" in done.stdout + done.stderr
+    assert "Scheduler at" not in done.stderr and "Nanny" not in done.stderr

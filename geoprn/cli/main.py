@@ -6,6 +6,7 @@ import logging
 import warnings
 
 import click
+import dask
 
 from geoprn import __version__
 from geoprn.errors import GeoprnError, GeoprnWarning
@@ -39,6 +40,8 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
 def cli(verbose: bool) -> None:
     """Road segmentation of large GeoTIFF scenes: base model + PatchRefineNet, on Dask."""
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(message)s")
+    # distributed sets its own loggers' levels when first imported (by a local cluster)
+    dask.config.set({"logging.distributed": "info" if verbose else "warning"})
 
 
 def _register() -> None:

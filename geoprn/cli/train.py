@@ -100,6 +100,8 @@ def _run(trainer: Callable, desc: str, tiles, output, config: dict, **kwargs: An
         elif event == "step":
             bar.set_postfix(epoch=info["epoch"], loss=f"{info['loss']:.3f}", refresh=False)
             bar.update(1)
+        elif event == "fold":
+            bar.write(f"fold {info['fold']}/{info['folds']} trained, its held-out tiles predicted")
         elif event == "epoch":
             bar.write(
                 f"epoch {info['epoch']}: train loss {info['train_loss']:.4f}, "
