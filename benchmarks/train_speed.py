@@ -1,0 +1,95 @@
+"""Training speed: seconds per crop for one step (forward, backward, Adam) of the base model
+and PRN, as ``geoprn train`` runs them (channels-last, bf16 autocast where the device computes
+bf16 natively) against plain fp32 contiguous tensors.
+
+Networks as the shipped configs build them (``base_unet_mnv2``, ``prn_p64``), random inputs
+of 512 px crops; the median of ``--repeats`` steps after one warm-up step, synchronised on CUDA.
+
+    python benchmarks/train_speed.py                           # CPU, batch 2
+    python benchmarks/train_speed.py --device cuda --batch-size 8
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from contextlib import nullcontext
+
+import torch
+
+from geoprn.inference import resolve_device
+from geoprn.models.base import build_base
+from geoprn.models.prn import PatchRefineNet
+from geoprn.train import load_config, mixed_precision
+
+
+def seconds_per_step(
+    net: torch.nn.Module, forward, x: torch.Tensor, autocast, repeats: int
+) -> float:
+    """Median wall time of one training step of ``net`` (outputs ``forward(net, x)``) on ``x``."""
+    optimizer = torch.optim.Adam(net.parameters(), lr=1e-4)
+    times = []
+    for i in range(repeats + 1):
+        if x.is_cuda:
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        with autocast:
+            outputs = forward(net, x)
+            loss = sum(o.float().mean() for o in outputs)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if x.is_cuda:
+            torch.cuda.synchronize()
+        if i >= 1:
+            times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--batch-size", type=int, default=2)
+    parser.add_argument("--crop", type=int, default=512)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    device = resolve_device(args.device)
+    base, prn = load_config("base_unet_mnv2"), load_config("prn_p64")
+    networks = {  # name: (build, input bands, forward giving the trained outputs)
+        "base": (
+            lambda: build_base(base["architecture"], base["arguments"]),
+            3,
+            lambda n, x: [n(x)],
+        ),
+        "PRN": (lambda: PatchRefineNet(**prn["arguments"]), 1, lambda n, x: n.logits(x)),
+    }
+    autocast, _ = mixed_precision(device)
+    precision = str(getattr(autocast, "fast_dtype", "fp32")).replace("torch.", "")
+    ways = {
+        "fp32, contiguous": (nullcontext(), False),
+        f"channels-last, {precision}": (autocast, True),
+    }
+    print(
+        f"device {device}, {torch.get_num_threads()} torch threads, batch {args.batch_size}, "
+        f"{args.crop} px crops; train runs: channels-last, {precision}"
+    )
+    print("\n| model | " + " | ".join(f"{w} (s/crop)" for w in ways) + " | speed-up |")
+    print("|---|" + "---|" * (len(ways) + 1))
+    for name, (build, bands, forward) in networks.items():
+        seconds = []
+        for context, channels_last in ways.values():
+            torch.manual_seed(0)
+            net = build().to(device).train()
+            x = torch.rand(args.batch_size, bands, args.crop, args.crop, device=device)
+            if channels_last:
+                net = net.to(memory_format=torch.channels_last)
+                x = x.contiguous(memory_format=torch.channels_last)
+            step = seconds_per_step(net, forward, x, context, args.repeats)
+            seconds.append(step / args.batch_size)
+        cells = " | ".join(f"{s:.3f}" for s in seconds)
+        print(f"| {name} | {cells} | {seconds[0] / seconds[-1]:.2f}x |")
+
+
+if __name__ == "__main__":
+    main()
