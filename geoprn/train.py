@@ -230,6 +230,9 @@ class _Run:
     split: dict[str, list[str]]
     trained_on: dict[str, Any]
     extra_state: dict[str, Any] = field(default_factory=dict)
+    pretrained: bool = False
+    """The model starts from trained weights (``--init``): they are validated before the first
+    epoch and kept as the best unless an epoch beats them."""
 
 
 def _open_state(out_path: Path, resume: bool, overwrite: bool) -> dict[str, Any] | None:
@@ -480,6 +483,11 @@ def _fit(
 
     if state is None:
         state_file.unlink(missing_ok=True)  # --overwrite: never resume from an older run later
+    if state is None and run.pretrained:
+        model.eval()
+        best_iou = run.validate(model, autocast)
+        save_best()
+        log.info("the initial weights: val road IoU %.4f", best_iou)
     epochs = int(config["epochs"])
     stopped = "epochs"
     notify("start", {"total_steps": epochs * steps_per_epoch, "done_steps": steps})
@@ -872,6 +880,7 @@ def train_prn(
         refined_iou,
         split,
         trained_on,
+        pretrained=init is not None,
     )
     summary = _fit(run, config, out_path, state, started, max_minutes, device_, half, progress)
     return {**summary, "base_val_road_iou": base_iou}

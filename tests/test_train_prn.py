@@ -230,6 +230,28 @@ def test_init_starts_from_a_checkpoint(run, val_crops, config, tmp_path):
     assert init == {"file": "prn.safetensors", "sha256": file_sha256(run["checkpoint"])}
 
 
+def test_init_is_kept_unless_an_epoch_beats_it(run, val_crops, config, tmp_path):
+    """An epoch that wrecks the weights (learning rate 1) scores below the starting point,
+    which was validated first: the checkpoint written is the starting one."""
+    assert run["best_val_road_iou"] > 0.2  # a starting point worth keeping
+    out = tmp_path / "wrecked.safetensors"
+    wreck = {**config, "lr": 1.0, "epochs": 1, "steps_per_epoch": 2}
+    summary = train_prn(
+        [val_crops],
+        wreck,
+        out,
+        base=DEFAULT_BASE,
+        val_fraction=0.25,
+        device="cpu",
+        init=run["checkpoint"],
+    )
+    assert summary["best_epoch"] == 0 and summary["history"][0]["val_road_iou"] < 0.2
+    assert summary["best_val_road_iou"] == pytest.approx(run["best_val_road_iou"], abs=0.02)
+    kept, start = load_model(out).net, load_model(run["checkpoint"]).net
+    started = dict(start.named_parameters())
+    assert all(torch.equal(v, started[k]) for k, v in kept.named_parameters())
+
+
 def test_init_must_be_a_prn_of_the_same_network(run, val_crops, tmp_path):
     args = ["train", "prn", val_crops, "-o", tmp_path / "p.safetensors", "--base", DEFAULT_BASE]
     code, out = invoke(*args, "--init", DEFAULT_BASE)
