@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import logging
 import math
+import os
 import time
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
@@ -19,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import psutil
 import rasterio
 import torch
 import yaml
@@ -76,6 +78,7 @@ DEFAULTS: dict[str, Any] = {
     "val_batch": 4,
     "workers": 0,
     "road_width": 4.0,
+    "micro_batch": "auto",
 }
 """Training settings a config may leave out."""
 
@@ -417,6 +420,60 @@ def train_base(
     return _fit(run, config, out_path, state, started, max_minutes, device_, half, progress)
 
 
+MEMORY_SHARE = 0.5
+"""Share of the free memory (``GEOPRN_TRAIN_MEMORY_MB`` when set) one step's activations may use."""
+PEAK_PER_SAVED = 1.5
+"""A step's peak memory per byte autograd saves for backward (1.3 measured for PRN on a CPU)."""
+
+
+def saved_bytes_per_crop(run: _Run, batch: list[torch.Tensor], autocast) -> int:
+    """Bytes autograd keeps for the backward pass of one crop of ``batch`` (its activations),
+    measured by a forward pass of that crop; the model's batch-norm statistics are restored."""
+    model = run.model
+    buffers = [b.clone() for b in model.buffers()]
+    storages: dict[int, int] = {}
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        storage = tensor.untyped_storage()
+        storages[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor), autocast:
+        run.loss(model, [t[:1] for t in batch])
+    with torch.no_grad():
+        for buffer, saved in zip(model.buffers(), buffers, strict=True):
+            buffer.copy_(saved)
+    return sum(storages.values())
+
+
+def free_memory(device: torch.device) -> int:
+    """Bytes training may fill: ``GEOPRN_TRAIN_MEMORY_MB`` if set, else what the device has free."""
+    text = os.environ.get("GEOPRN_TRAIN_MEMORY_MB")
+    if text is not None:
+        if not text.isdigit():
+            raise InputError(f"GEOPRN_TRAIN_MEMORY_MB={text!r} is not a whole number of MiB")
+        return int(text) << 20
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    return psutil.virtual_memory().available
+
+
+def micro_batch_size(run: _Run, batch: list[torch.Tensor], autocast, setting) -> int:
+    """Crops per forward/backward pass: ``setting`` if a number, else (``auto``) the most of
+    the batch whose activations fit in :data:`MEMORY_SHARE` of the free memory. The optimizer
+    steps once per batch whatever the micro-batch (gradients accumulate)."""
+    size = len(batch[0])
+    if setting != "auto":
+        if not str(setting).isdigit() or int(setting) < 1:
+            raise InputError(
+                f"micro_batch must be 'auto' or a whole number of crops, not {setting!r}"
+            )
+        return min(int(setting), size)
+    per_crop = PEAK_PER_SAVED * saved_bytes_per_crop(run, batch, autocast)
+    fitting = int(MEMORY_SHARE * free_memory(next(run.model.parameters()).device) // per_crop)
+    return max(1, min(fitting, size))
+
+
 def _to(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
     """A batch tensor on the device, channels-last when it is an image batch (N, C, H, W)."""
     tensor = tensor.to(device, non_blocking=True)
@@ -494,6 +551,7 @@ def _fit(
     if bad_epochs >= int(config["patience"]):
         stopped = "early_stopping"
     last_epoch_seconds = 0.0
+    micro: int | None = None
     while epoch < epochs and stopped == "epochs":
         epoch_start = time.monotonic()
         run.dataset.set_epoch(epoch)
@@ -501,18 +559,24 @@ def _fit(
         losses = []
         for step, batch in enumerate(loader):
             batch = [_to(t, device) for t in batch]
-            with autocast:
-                loss = run.loss(model, batch)
+            if micro is None:
+                micro = micro_batch_size(run, batch, autocast, config["micro_batch"])
+                log.info("%d crop(s) per forward/backward pass, %d per step", micro, len(batch[0]))
             optimizer.zero_grad(set_to_none=True)
+            loss = torch.zeros((), device=device)
+            for start in range(0, len(batch[0]), micro):
+                part = [t[start : start + micro] for t in batch]
+                with autocast:  # each part weighs by its share of the batch's crops
+                    part_loss = run.loss(model, part) * (len(part[0]) / len(batch[0]))
+                (scaler.scale(part_loss) if scaler is not None else part_loss).backward()
+                loss += part_loss.detach()
             if scaler is not None:
-                scaler.scale(loss).backward()
                 scaler.step(optimizer)
                 scaler.update()
             else:
-                loss.backward()
                 optimizer.step()
             steps += 1
-            losses.append(float(loss.detach()))
+            losses.append(float(loss))
             if not math.isfinite(losses[-1]):
                 raise InputError(f"the loss became {losses[-1]} at step {steps}; lower the lr")
             notify("step", {"epoch": epoch + 1, "step": step + 1, "loss": losses[-1]})
@@ -593,6 +657,7 @@ def _fit(
         "steps": steps,
         "minutes": round(minutes, 2),
         "stopped": stopped,
+        "micro_batch": micro,
         "split": run.split,
         "history": history,
     }

@@ -259,3 +259,32 @@ def test_init_must_be_a_prn_of_the_same_network(run, val_crops, tmp_path):
     code, out = invoke(*args, "--init", run["checkpoint"])  # a P = 32 PRN for prn_p64
     assert code == 1 and "the config builds one with" in out and "Traceback" not in out
     assert not (tmp_path / "p.safetensors").exists()
+
+
+def test_micro_batches_follow_the_memory_budget(val_crops, config, tmp_path, monkeypatch):
+    """`auto` puts as many crops through at once as the memory allows (GEOPRN_TRAIN_MEMORY_MB
+    caps it): the whole batch of 4 with room, one crop at a time in 1 MiB; a number is kept."""
+    short = {**config, "epochs": 1, "steps_per_epoch": 2}
+    cases = [("100000", "auto", 4), ("1", "auto", 1), ("100000", 2, 2)]
+    for i, (budget, setting, expected) in enumerate(cases):
+        monkeypatch.setenv("GEOPRN_TRAIN_MEMORY_MB", budget)
+        summary = train_prn(
+            [val_crops],
+            {**short, "micro_batch": setting},
+            tmp_path / f"m{i}.safetensors",
+            base=DEFAULT_BASE,
+            val_fraction=0.25,
+            device="cpu",
+        )
+        assert summary["micro_batch"] == expected and summary["steps"] == 2
+        assert np.isfinite(summary["history"][0]["train_loss"])
+
+
+def test_micro_batch_errors(val_crops, tmp_path, monkeypatch):
+    args = ["train", "prn", val_crops, "-o", tmp_path / "p.safetensors", "--base", DEFAULT_BASE]
+    args += ["--config", "prn_p64", "--crop", "64", "--epochs", "1", "--steps-per-epoch", "1"]
+    code, out = invoke(*args, "--micro-batch", "0")
+    assert code == 1 and "micro_batch must be 'auto' or a whole number of crops" in out
+    monkeypatch.setenv("GEOPRN_TRAIN_MEMORY_MB", "lots")
+    code, out = invoke(*args)
+    assert code == 1 and "GEOPRN_TRAIN_MEMORY_MB='lots' is not a whole number" in out

@@ -61,6 +61,11 @@ def _common_options(default_config: str, default_val_fraction: float) -> Callabl
         click.option("--steps-per-epoch", type=int, help="Override the config's steps per epoch."),
         click.option("--batch-size", type=int, help="Override the config's batch size."),
         click.option("--crop", type=int, help="Override the config's crop size (pixels)."),
+        click.option(
+            "--micro-batch",
+            help="Crops per forward/backward pass, gradients accumulated over the batch; 'auto' "
+            "(the configs' default): as many as fit in half the free memory.",
+        ),
         click.option("--lr", type=float, help="Override the config's learning rate."),
         click.option(
             "--road-width",
@@ -127,7 +132,7 @@ def _run(trainer: Callable, desc: str, tiles, output, config: dict, **kwargs: An
     return summary
 
 
-OVERRIDES = ("epochs", "steps_per_epoch", "batch_size", "crop", "road_width")
+OVERRIDES = ("epochs", "steps_per_epoch", "batch_size", "crop", "road_width", "micro_batch")
 """Options that override a config setting of the same name."""
 
 
