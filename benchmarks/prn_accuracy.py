@@ -19,7 +19,9 @@ the base and PRN probabilities are cached (``--cache``) so later runs only redo 
     python benchmarks/prn_accuracy.py --prn split.safetensors --prn crossfit.safetensors --bpr none
 
 ``--prn`` given more than once adds a row per PRN (e.g. one trained on the val split, one
-cross-fitted), all on the same base probabilities; BPR runs after the first.
+cross-fitted), all on the same base probabilities; BPR runs after the first. ``--prn none
+--bpr none`` prints only the base model's rows and the oracle's (quick on any split: how much
+room a patch-wise refiner has there).
 """
 
 from __future__ import annotations
@@ -98,7 +100,10 @@ def main() -> None:
     parser.add_argument("--dataset", default="massachusetts")
     parser.add_argument("--split", default="test")
     parser.add_argument("--base", default=str(DEFAULT_BASE))
-    parser.add_argument("--prn", action="append", help="repeatable (default: the shipped PRN)")
+    parser.add_argument(
+        "--prn", action="append", help="repeatable (default: the shipped PRN); 'none': no PRN row"
+    )
+    parser.add_argument("--patch", type=int, default=64, help="the oracle's patch with --prn none")
     parser.add_argument("--bpr", default=str(DEFAULT_BPR), help="'none' leaves the BPR rows out")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--precision", choices=PRECISIONS, default="auto", help="as refine's")
@@ -109,7 +114,9 @@ def main() -> None:
         help="Zarr cache of the base and PRN probabilities (reused by later runs)",
     )
     args = parser.parse_args()
-    prns = args.prn or [str(DEFAULT_PRN)]
+    prns = [] if args.prn == ["none"] else args.prn or [str(DEFAULT_PRN)]
+    if not prns and args.bpr != "none":
+        parser.error("--prn none needs --bpr none (BPR runs after the first PRN)")
     device = resolve_device(args.device)
     header = read_header(args.base, "base")
     bands, nodata = header["bands"], header.get("nodata")
@@ -129,7 +136,7 @@ def main() -> None:
     test = load_tiles(split_tiles(args.dataset, args.split), bands, nodata)
     probs = base_probs(test)
     names = [t.name for t in test]
-    patch = int(read_header(prns[0], "prn")["patch_size"])
+    patch = int(read_header(prns[0], "prn")["patch_size"]) if prns else args.patch
     rows = {
         "base @ 0.5": scores([p > 0.5 for p in probs], test),
         f"base @ {best_tau:.2f} (best global on val)": scores([p > best_tau for p in probs], test),
@@ -157,7 +164,8 @@ def main() -> None:
     )
     print(
         f"{args.dataset} {args.split} split, {len(test)} tiles; base {Path(args.base).name}, "
-        f"PRN {', '.join(Path(p).name for p in prns)}, BPR {Path(args.bpr).name}; device {device}, "
+        f"PRN {', '.join(Path(p).name for p in prns) or 'none'}, BPR {Path(args.bpr).name}; "
+        f"device {device}, "
         f"{autocast_dtype(device, args.precision) or 'fp32'}; "
         f"{time.perf_counter() - started:.0f} s"
     )
