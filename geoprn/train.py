@@ -426,10 +426,9 @@ PEAK_PER_SAVED = 1.5
 """A step's peak memory per byte autograd saves for backward (1.3 measured for PRN on a CPU)."""
 
 
-def saved_bytes_per_crop(run: _Run, batch: list[torch.Tensor], autocast) -> int:
-    """Bytes autograd keeps for the backward pass of one crop of ``batch`` (its activations),
-    measured by a forward pass of that crop; the model's batch-norm statistics are restored."""
-    model = run.model
+def saved_bytes(model: torch.nn.Module, forward: Callable[[], object]) -> int:
+    """Bytes autograd keeps for the backward pass (the activations) while ``forward()`` runs
+    ``model``; the model's batch-norm statistics are restored afterwards."""
     buffers = [b.clone() for b in model.buffers()]
     storages: dict[int, int] = {}
 
@@ -438,8 +437,8 @@ def saved_bytes_per_crop(run: _Run, batch: list[torch.Tensor], autocast) -> int:
         storages[storage.data_ptr()] = storage.nbytes()
         return tensor
 
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor), autocast:
-        run.loss(model, [t[:1] for t in batch])
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        forward()
     with torch.no_grad():
         for buffer, saved in zip(model.buffers(), buffers, strict=True):
             buffer.copy_(saved)
@@ -469,7 +468,12 @@ def micro_batch_size(run: _Run, batch: list[torch.Tensor], autocast, setting) ->
                 f"micro_batch must be 'auto' or a whole number of crops, not {setting!r}"
             )
         return min(int(setting), size)
-    per_crop = PEAK_PER_SAVED * saved_bytes_per_crop(run, batch, autocast)
+
+    def one_crop() -> torch.Tensor:
+        with autocast:
+            return run.loss(run.model, [t[:1] for t in batch])
+
+    per_crop = PEAK_PER_SAVED * saved_bytes(run.model, one_crop)
     fitting = int(MEMORY_SHARE * free_memory(next(run.model.parameters()).device) // per_crop)
     return max(1, min(fitting, size))
 
