@@ -8,6 +8,7 @@ would compute for it.
 from __future__ import annotations
 
 import contextlib
+import functools
 import threading
 from collections import OrderedDict
 from collections.abc import Hashable
@@ -80,6 +81,26 @@ def fast_math(device: torch.device, precision: str = "auto"):
     if dtype is None:
         return contextlib.nullcontext()
     return torch.autocast(device.type, dtype=dtype)
+
+
+GPU_BATCH = 32
+"""Windows per forward pass on a GPU: base + PRN run 160 tiles/s at 32 on an H100 and 165 at
+128 (``benchmarks/RESULTS.md``), so larger batches only take memory."""
+GPU_BYTES_PER_WINDOW = 0.2 * 2**30
+"""GPU memory per window of a batch, base + PRN in bf16 (5.7 GiB at 32 on an H100)."""
+
+
+@functools.lru_cache(maxsize=8)
+def auto_batch_size(device: torch.device, blocks_in_flight: int = 3) -> int:
+    """``--batch-size auto``: 1 on a CPU, where a window runs fastest alone (base + PRN 1.66 s a
+    window at batch 1, 1.95 s at 8 on 2 cores, ``benchmarks/model_speed.py``); on a GPU
+    :data:`GPU_BATCH`, or fewer if half its free memory cannot hold that many windows for
+    each block in flight. Decided once per process and device."""
+    if device.type != "cuda":
+        return 1
+    free = torch.cuda.mem_get_info(device)[0]
+    fitting = int(free * 0.5 // (blocks_in_flight * GPU_BYTES_PER_WINDOW))
+    return max(1, min(GPU_BATCH, fitting))
 
 
 _warmed: set[tuple] = set()

@@ -33,6 +33,7 @@ from geoprn.errors import GeoprnWarning, InputError
 from geoprn.inference import (
     SharedWindows,
     WindowCache,
+    auto_batch_size,
     autocast_dtype,
     predict_region,
     resolve_device,
@@ -98,7 +99,8 @@ class RefineJob:
     probs: str | None
     tile: int
     overlap: int
-    batch_size: int
+    batch_size: int | None
+    """Windows per forward pass; None: :func:`~geoprn.inference.auto_batch_size` on each worker."""
     device: str
     grid: WorkGrid
     bpr: ModelRef | None = None
@@ -158,12 +160,13 @@ def predict_stages(job: RefineJob, rows: Range, cols: Range) -> tuple[dict[str, 
         Variable name -> (H, W) float32 probabilities (0 at nodata), and the windows run.
     """
     device = resolve_device(job.device)
+    batch_size = job.batch_size or auto_batch_size(device)
     models = [stage_model(refs, str(device), job.compile) for _, refs in job.stages]
     if job.compile:  # before this thread does any other torch work
         for (name, _), model in zip(job.stages, models, strict=True):
             if not isinstance(model, BoundaryRefiner):
                 channels = len(job.bands) if name == "base" else 1
-                shape = (job.batch_size, channels, job.tile, job.tile)
+                shape = (batch_size, channels, job.tile, job.tile)
                 warm_up(model, shape, device, job.precision)
     grid = job.grid
     origins = (
@@ -205,7 +208,7 @@ def predict_stages(job: RefineJob, rows: Range, cols: Range) -> tuple[dict[str, 
             origins,
             job.tile,
             job.overlap,
-            job.batch_size,
+            batch_size,
             job.precision,
             valid[inside],
             stage_shared,
@@ -350,7 +353,7 @@ def refine(
     bands: list[int] | None = None,
     device: str = "auto",
     precision: str = "auto",
-    batch_size: int = 8,
+    batch_size: int | str = "auto",
     block_size: int = DEFAULT_BLOCK_SIZE,
     overlap: int = 64,
     compile: bool = False,
@@ -380,7 +383,8 @@ def refine(
         device: ``auto``, ``cpu`` or ``cuda[:N]``; resolved on each worker.
         precision: ``auto`` (bf16 where the device computes it natively), ``fp32`` or
             ``bf16``; see :func:`geoprn.inference.autocast_dtype`.
-        batch_size: windows per forward pass.
+        batch_size: windows per forward pass, or ``auto``: 1 on a CPU (fastest there), up to 32
+            on a GPU as its memory allows (:func:`geoprn.inference.auto_batch_size`).
         block_size: pixels per block side, a multiple of 512; does not change the result.
         overlap: pixels shared by neighbouring 512 windows, blended linearly.
         compile: run base model and PRN through ``torch.compile`` (each worker compiles once,
@@ -508,7 +512,7 @@ def _plan(
     bands: list[int] | None,
     device: str,
     precision: str,
-    batch_size: int,
+    batch_size: int | str,
     block_size: int,
     overlap: int,
     resample: str,
@@ -551,8 +555,8 @@ def _plan(
             _check_pair(header, prn_ref, base_ref)
     if not 0 <= overlap < tile // 2 or overlap % 2:
         raise InputError(f"--overlap must be even and below {tile // 2}")
-    if batch_size < 1:
-        raise InputError("--batch-size must be at least 1")
+    if batch_size != "auto" and (not str(batch_size).isdigit() or int(batch_size) < 1):
+        raise InputError(f"--batch-size must be 'auto' or at least 1, not {batch_size!r}")
     if block_size <= 0 or block_size % store.CHUNK:
         raise InputError(f"--block-size must be a positive multiple of {store.CHUNK}")
     autocast_dtype(resolve_device(device), precision)  # fail early; workers resolve it again
@@ -566,7 +570,7 @@ def _plan(
         str(Path(probs).resolve()) if probs else None,
         tile,
         overlap,
-        batch_size,
+        None if batch_size == "auto" else int(batch_size),
         device,
         WorkGrid.choose(info, gsd, resample),
         bpr_ref,

@@ -211,3 +211,12 @@ def test_without_prn_weights_the_base_runs_alone_and_says_so_once(
     assert result.exit_code == 0
     assert result.stderr.count("no PRN weights given or shipped: running the base model only") == 1
     assert json.loads((tmp_path / "o" / "scene_run.json").read_text())["inputs"]["prn"] is None
+
+
+@pytest.mark.parametrize("size", ["0", "-2", "many"])
+def test_bad_batch_size(scene, models, tmp_path, size):
+    assert_one_line_error(
+        run("refine", scene, "-o", tmp_path / "o", "--base", models["base"], "--batch-size", size),
+        "--batch-size must be 'auto' or at least 1",
+    )
+    assert not (tmp_path / "o").exists()
