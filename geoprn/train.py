@@ -478,6 +478,25 @@ def micro_batch_size(run: _Run, batch: list[torch.Tensor], autocast, setting) ->
     return max(1, min(fitting, size))
 
 
+def accumulate_gradients(
+    loss_of: Callable[[list[torch.Tensor]], torch.Tensor],
+    batch: list[torch.Tensor],
+    micro: int,
+    autocast=None,
+    scaler=None,
+) -> torch.Tensor:
+    """Backpropagate ``loss_of(batch)`` ``micro`` crops at a time, each part weighted by its
+    share of the crops, into the parameters' gradients; returns the batch's loss."""
+    loss: torch.Tensor | float = 0.0
+    for start in range(0, len(batch[0]), micro):
+        part = [t[start : start + micro] for t in batch]
+        with autocast or nullcontext():
+            part_loss = loss_of(part) * (len(part[0]) / len(batch[0]))
+        (scaler.scale(part_loss) if scaler is not None else part_loss).backward()
+        loss = loss + part_loss.detach()
+    return loss
+
+
 def _to(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
     """A batch tensor on the device, channels-last when it is an image batch (N, C, H, W)."""
     tensor = tensor.to(device, non_blocking=True)
@@ -567,13 +586,9 @@ def _fit(
                 micro = micro_batch_size(run, batch, autocast, config["micro_batch"])
                 log.info("%d crop(s) per forward/backward pass, %d per step", micro, len(batch[0]))
             optimizer.zero_grad(set_to_none=True)
-            loss = torch.zeros((), device=device)
-            for start in range(0, len(batch[0]), micro):
-                part = [t[start : start + micro] for t in batch]
-                with autocast:  # each part weighs by its share of the batch's crops
-                    part_loss = run.loss(model, part) * (len(part[0]) / len(batch[0]))
-                (scaler.scale(part_loss) if scaler is not None else part_loss).backward()
-                loss += part_loss.detach()
+            loss = accumulate_gradients(
+                lambda part: run.loss(model, part), batch, micro, autocast, scaler
+            )
             if scaler is not None:
                 scaler.step(optimizer)
                 scaler.update()

@@ -288,3 +288,32 @@ def test_micro_batch_errors(val_crops, tmp_path, monkeypatch):
     monkeypatch.setenv("GEOPRN_TRAIN_MEMORY_MB", "lots")
     code, out = invoke(*args)
     assert code == 1 and "GEOPRN_TRAIN_MEMORY_MB='lots' is not a whole number" in out
+
+
+def test_micro_batches_accumulate_the_batch_gradient(val_crops, config):
+    """Gradients accumulated one crop or three at a time equal the whole batch's (batch norms
+    frozen, every pixel valid, so the batch's loss is the mean of its crops'). In float64: in
+    float32 this small random network's gradients move by 1 to 5 % with the batch's split."""
+    from geoprn.train import accumulate_gradients
+
+    torch.manual_seed(0)
+    net = PatchRefineNet(**config["arguments"]).eval().double()
+    probs = torch.rand(4, 1, 64, 64, dtype=torch.float64)
+    label = (torch.rand(4, 1, 64, 64) > 0.8).double()
+    batch = [probs, label, torch.ones_like(label), (probs > 0.5).double()]
+
+    def loss_of(part):
+        image, label, valid, pseudo = part
+        return prn_loss(*net.logits(image), pseudo, label, valid)
+
+    gradients = []
+    for micro in (4, 1, 3):
+        net.zero_grad()
+        loss = accumulate_gradients(loss_of, batch, micro)
+        gradients.append([p.grad.clone() for p in net.parameters()])
+        if micro == 4:
+            whole = loss
+        torch.testing.assert_close(loss, whole, rtol=1e-6, atol=0)  # the loss sums in fp32
+    for other in gradients[1:]:
+        for a, b in zip(gradients[0], other, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
