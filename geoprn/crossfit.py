@@ -25,7 +25,7 @@ from geoprn.data import TilePair, load_tiles
 from geoprn.errors import InputError
 from geoprn.inference import predict_array, resolve_device
 from geoprn.models.checkpoint import load_model
-from geoprn.train import Progress, as_pairs, train_base, train_prn
+from geoprn.train import Progress, as_pairs, check_init, train_base, train_prn
 
 log = logging.getLogger(__name__)
 
@@ -171,6 +171,8 @@ def train_prn_crossfit(
     ``scheduler`` are :func:`crossfit_probabilities`'s; ``options`` go to
     :func:`geoprn.train.train_prn` (``val_fraction``, ``resume``, ``overwrite``, ``half``...).
     """
+    if options.get("init") is not None:  # before the folds' training, not after
+        check_init(options["init"], config)
     workdir = Path(str(out_path) + ".folds")
     probs_dir = crossfit_probabilities(
         tiles,

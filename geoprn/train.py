@@ -130,6 +130,9 @@ def load_config(name_or_path: str | Path, **overrides: Any) -> dict[str, Any]:
     for key in ("crop", "batch_size", "epochs", "steps_per_epoch"):
         if int(config[key]) < 1:
             raise InputError(f"{key} must be at least 1, not {config[key]}")
+    micro = str(config["micro_batch"])
+    if micro != "auto" and not (micro.isdigit() and int(micro) >= 1):
+        raise InputError(f"micro_batch must be 'auto' or a whole number of crops, not {micro!r}")
     return config
 
 
@@ -156,8 +159,8 @@ def split_tiles(
 def mixed_precision(device: torch.device):
     """Training's mixed precision and gradient scaler: bf16 where the device computes it
     natively (a GPU, or a CPU with AVX512-BF16 or AMX), fp16 with a scaler on older GPUs, else
-    fp32. With channels-last tensors, bf16 trains PRN 3.4x faster than fp32 on 2 such CPU
-    cores (4.7 s per 512 px crop, forward and backward)."""
+    fp32. With channels-last tensors, bf16 trains PRN 3.47x faster than fp32 on 2 such CPU
+    cores (``benchmarks/train_speed.py``)."""
     if device.type == "cuda" and not native_bf16(device):
         return torch.autocast("cuda", dtype=torch.float16), torch.amp.GradScaler("cuda")
     if native_bf16(device):
@@ -462,11 +465,7 @@ def micro_batch_size(run: _Run, batch: list[torch.Tensor], autocast, setting) ->
     the batch whose activations fit in :data:`MEMORY_SHARE` of the free memory. The optimizer
     steps once per batch whatever the micro-batch (gradients accumulate)."""
     size = len(batch[0])
-    if setting != "auto":
-        if not str(setting).isdigit() or int(setting) < 1:
-            raise InputError(
-                f"micro_batch must be 'auto' or a whole number of crops, not {setting!r}"
-            )
+    if setting != "auto":  # a whole number (load_config checked it)
         return min(int(setting), size)
 
     def one_crop() -> torch.Tensor:
@@ -840,16 +839,14 @@ def prn_tile(
     return LabelledTile(tile.name, probs[None], label, valid, pseudo)
 
 
-def _start_from(net: torch.nn.Module, init: str | Path) -> None:
-    """Load the weights of checkpoint ``init`` into ``net``, which must be the same network."""
-    source = load_model(init, "prn")
-    wanted = net.arguments
-    if source.geoprn_meta["arguments"] != wanted:
+def check_init(init: str | Path, config: dict[str, Any]) -> None:
+    """Fail early unless checkpoint ``init`` is a PRN of the network ``config`` builds."""
+    have = read_header(init, "prn")["arguments"]
+    wanted = PatchRefineNet(**config["arguments"]).arguments
+    if have != wanted:
         raise CheckpointError(
-            f"--init {init} is a PRN with {source.geoprn_meta['arguments']}, "
-            f"the config builds one with {wanted}"
+            f"--init {init} is a PRN with {have}, the config builds one with {wanted}"
         )
-    net.load_state_dict(source.net.state_dict())
 
 
 def pooled_road_iou(predictions: Sequence[np.ndarray], truths: Sequence[LabelledTile]) -> float:
@@ -898,6 +895,8 @@ def train_prn(
     if (base is None) == (probs_dir is None):
         raise InputError("give either a base checkpoint (--base) or probabilities (--probs)")
     base_meta = read_header(base, "base") if base is not None else {}
+    if init is not None:
+        check_init(init, config)
     state = _open_state(out_path, resume, overwrite)
     device_ = resolve_device(device)
     train_pairs, val_pairs = _split(tiles, val_tiles, val_fraction, seed, config, state)
@@ -937,7 +936,7 @@ def train_prn(
     }
     model = Predictor(net, meta)
     if init is not None:
-        _start_from(net, init)
+        net.load_state_dict(load_model(init, "prn").net.state_dict())
     window, val_batch = int(config["tile_size"]), int(config["val_batch"])
 
     def loss(model: Predictor, batch: list[torch.Tensor]) -> torch.Tensor:

@@ -164,3 +164,13 @@ def test_cli_fold_workers_trains_quietly(tiles, base_config, tmp_path):
     assert "fold 1/2 trained" in done.stdout + done.stderr
     assert "fold 2/2 trained" in done.stdout + done.stderr
     assert "Scheduler at" not in done.stderr and "Nanny" not in done.stderr
+
+
+def test_cli_bad_init_fails_before_any_fold_is_trained(tiles, tmp_path):
+    from geoprn.models.checkpoint import DEFAULT_BASE
+
+    out = tmp_path / "p.safetensors"
+    args = ["train", "prn", str(tiles), "-o", str(out), "--folds", "2", "--init", DEFAULT_BASE]
+    result = CliRunner().invoke(cli, [str(a) for a in args])
+    assert result.exit_code == 1 and "is a base checkpoint, a prn one is needed" in result.output
+    assert not (tmp_path / "p.safetensors.folds").exists()
