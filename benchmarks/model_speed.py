@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
 
 import torch
@@ -24,20 +25,26 @@ from geoprn.models.predictor import fold_batchnorm
 TILE = 512
 
 
-def seconds_per_batch(model, x: torch.Tensor, autocast, repeats: int) -> float:
-    """Median wall time of one forward pass (after two warm-ups), synchronised on CUDA."""
+def median_seconds(run: Callable[[], object], repeats: int, warm_ups: int, cuda: bool) -> float:
+    """Median wall time of ``run()`` over ``repeats`` calls after ``warm_ups``, synchronised
+    on CUDA."""
     times = []
-    with torch.inference_mode(), autocast:
-        for i in range(repeats + 2):
-            if x.is_cuda:
-                torch.cuda.synchronize()
-            start = time.perf_counter()
-            model(x)
-            if x.is_cuda:
-                torch.cuda.synchronize()
-            if i >= 2:
-                times.append(time.perf_counter() - start)
+    for i in range(warm_ups + repeats):
+        if cuda:
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        run()
+        if cuda:
+            torch.cuda.synchronize()
+        if i >= warm_ups:
+            times.append(time.perf_counter() - start)
     return statistics.median(times)
+
+
+def seconds_per_batch(model, x: torch.Tensor, autocast, repeats: int) -> float:
+    """Median wall time of one forward pass (after two warm-ups)."""
+    with torch.inference_mode(), autocast:
+        return median_seconds(lambda: model(x), repeats, 2, x.is_cuda)
 
 
 def main() -> None:

@@ -15,11 +15,14 @@ from __future__ import annotations
 
 import argparse
 import functools
-import statistics
-import time
+import sys
 from contextlib import nullcontext
+from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from model_speed import median_seconds  # noqa: E402
 
 from geoprn.inference import resolve_device
 from geoprn.models.base import build_base
@@ -30,24 +33,18 @@ from geoprn.train import load_config, mixed_precision, saved_bytes
 def seconds_per_step(
     net: torch.nn.Module, forward, x: torch.Tensor, autocast, repeats: int
 ) -> float:
-    """Median wall time of one training step of ``net`` (outputs ``forward(net, x)``) on ``x``."""
+    """Median wall time of one training step of ``net`` (outputs ``forward(net, x)``) on ``x``,
+    after one warm-up step."""
     optimizer = torch.optim.Adam(net.parameters(), lr=1e-4)
-    times = []
-    for i in range(repeats + 1):
-        if x.is_cuda:
-            torch.cuda.synchronize()
-        start = time.perf_counter()
+
+    def step() -> None:
         with autocast:
-            outputs = forward(net, x)
-            loss = sum(o.float().mean() for o in outputs)
+            loss = sum(o.float().mean() for o in forward(net, x))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        if x.is_cuda:
-            torch.cuda.synchronize()
-        if i >= 1:
-            times.append(time.perf_counter() - start)
-    return statistics.median(times)
+
+    return median_seconds(step, repeats, 1, x.is_cuda)
 
 
 def main() -> None:
