@@ -3,7 +3,7 @@ and PRN, as ``geoprn train`` runs them (channels-last, bf16 autocast where the d
 bf16 natively) against plain fp32 contiguous tensors.
 
 The last column is what ``train`` sizes its micro-batches by: the bytes autograd keeps for
-one crop's backward pass (a step's peak memory is about 1.3 times that on the CPU).
+one crop's backward pass (``train`` allows 1.5 times that for the step's peak).
 Networks as the shipped configs build them (``base_unet_mnv2``, ``prn_p64``), random inputs
 of 512 px crops; the median of ``--repeats`` steps after one warm-up step, synchronised on CUDA.
 

@@ -426,7 +426,8 @@ def train_base(
 MEMORY_SHARE = 0.5
 """Share of the free memory (``GEOPRN_TRAIN_MEMORY_MB`` when set) one step's activations may use."""
 PEAK_PER_SAVED = 1.5
-"""A step's peak memory per byte autograd saves for backward (1.3 measured for PRN on a CPU)."""
+"""A step's peak memory per byte autograd saves for backward: a margin for the step's own
+temporaries (gradients, the optimizer's update) on top of the activations."""
 
 
 def saved_bytes(model: torch.nn.Module, forward: Callable[[], object]) -> int:
