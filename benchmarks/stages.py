@@ -37,6 +37,7 @@ TIMED = {
         "predict_region",
         "write_mask_cog",
         "write_quicklook",
+        "sample_block",
     ],
     store: ["write_block"],
 }

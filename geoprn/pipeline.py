@@ -17,7 +17,7 @@ import time
 import warnings
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -49,7 +49,7 @@ from geoprn.models.checkpoint import (
     load_cached,
     read_header,
 )
-from geoprn.quicklook import write_quicklook
+from geoprn.quicklook import sample_block, sampling_step, save_piece, shown_bands, write_quicklook
 from geoprn.raster import (
     SceneInfo,
     WorkGrid,
@@ -107,6 +107,8 @@ class RefineJob:
     precision: str = "auto"
     block_size: int = DEFAULT_BLOCK_SIZE
     compile: bool = False
+    threads: int = 1
+    """Blocks in flight on the local scheduler (a ``distributed`` worker counts its own)."""
 
     @property
     def stages(self) -> list[tuple[str, list[ModelRef]]]:
@@ -160,7 +162,7 @@ def predict_stages(job: RefineJob, rows: Range, cols: Range) -> tuple[dict[str, 
         Variable name -> (H, W) float32 probabilities (0 at nodata), and the windows run.
     """
     device = resolve_device(job.device)
-    batch_size = job.batch_size or auto_batch_size(device)
+    batch_size = job.batch_size or auto_batch_size(device, blocks_in_flight(job.threads))
     models = [stage_model(refs, str(device), job.compile) for _, refs in job.stages]
     if job.compile:  # before this thread does any other torch work
         for (name, _), model in zip(job.stages, models, strict=True):
@@ -275,21 +277,27 @@ def stage_model(refs: list[ModelRef], device: str, compiled: bool = False) -> to
 
 
 def process_block(job: RefineJob, block: Block) -> BlockResult:
-    """Compute one block and write it to the store (runs on a Dask worker)."""
+    """Compute one block, write it to the store and its piece of the quicklook (runs on a
+    Dask worker)."""
     started = time.perf_counter()
     with open_raster(job.scene.path) as ds:
         _, valid = read_region(ds, None, block.rows, block.cols)
-    if not valid.any():
-        store.mark_done(job.paths, block, "skipped")
-        return BlockResult(block.key, "skipped")
-    grid = job.grid
-    if grid.resampled:
-        work, windows = predict_stages(job, grid.support(block.rows), grid.support(block.cols))
-        probs = {name: grid.to_scene(v, block.rows, block.cols) for name, v in work.items()}
-    else:
-        probs, windows = predict_stages(job, block.rows, block.cols)
-    for values in probs.values():
-        values[~valid] = np.nan
+        if not valid.any():
+            store.mark_done(job.paths, block, "skipped")
+            return BlockResult(block.key, "skipped")
+        grid = job.grid
+        if grid.resampled:
+            support = grid.support(block.rows), grid.support(block.cols)
+            work, windows = predict_stages(job, *support)
+            probs = {name: grid.to_scene(v, block.rows, block.cols) for name, v in work.items()}
+        else:
+            probs, windows = predict_stages(job, block.rows, block.cols)
+        for values in probs.values():
+            values[~valid] = np.nan
+        step = sampling_step(job.scene.height, job.scene.width)
+        bands = shown_bands(job.bands, ds.count)
+        piece = sample_block(ds, bands, block.rows, block.cols, valid, probs, step)
+    save_piece(job.paths.pieces, block.key, piece)  # before the block's done marker
     store.write_block(job.paths, block, probs)
     return BlockResult(block.key, "computed", windows, time.perf_counter() - started)
 
@@ -304,6 +312,17 @@ class _BlockProgress(Callback):
     def _posttask(self, key, result, dsk, state, worker_id):
         if isinstance(result, BlockResult):
             self.report(result)
+
+
+def blocks_in_flight(local: int) -> int:
+    """Block tasks this process runs at once: its ``distributed`` worker's threads, or ``local``
+    (the local scheduler's) outside a worker."""
+    from distributed import get_worker
+
+    try:
+        return get_worker().state.nthreads
+    except ValueError:  # not in a worker
+        return local
 
 
 def local_threads(device: str) -> int:
@@ -453,6 +472,7 @@ def refine(
             progress(0, len(todo), None)
 
         threads = threads or local_threads(device)
+        job = replace(job, threads=threads)
         results = run_blocks(job, todo, client, report, threads)
         computed = [r for r in results if r.status == "computed"]
         if not computed and not done_before and blocks:
@@ -460,13 +480,18 @@ def refine(
             raise InputError(f"{info.path} has no valid pixels: every block is nodata")
     blocks_seconds = time.perf_counter() - started
 
-    variables = {name: store.open_variable(job.paths, name) for name in job.variables}
-    with ThreadPoolExecutor(2) as pool:  # both only read the finished store: side by side
+    refined = store.open_variable(job.paths, job.variables[-1])
+    with ThreadPoolExecutor(2) as pool:  # side by side: the quicklook only assembles pieces
         written = [
+            pool.submit(write_mask_cog, refined, info, job.paths.mask, threshold),
             pool.submit(
-                write_mask_cog, variables[job.variables[-1]], info, job.paths.mask, threshold
+                write_quicklook,
+                info.height,
+                info.width,
+                job.paths.pieces,
+                job.variables,
+                job.paths.quicklook,
             ),
-            pool.submit(write_quicklook, info, job.bands, variables, job.paths.quicklook),
         ]
         for future in written:
             future.result()

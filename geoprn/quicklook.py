@@ -1,27 +1,29 @@
 """A PNG a person can glance at: the scene beside its base and refined road probabilities.
 
-Each panel is the scene at a reduced size (at most ``max_side`` pixels a side, read through
-the raster's overviews and strided Zarr reads, never the whole scene at full size), with road
-probability painted over it in red; nodata is grey. Panels, left to right: the image, then one
-per probability variable (``base``, ``refined``).
+Each panel is the scene at a reduced size (at most ``MAX_SIDE`` pixels a side): every
+``step``-th pixel, counted from the scene's origin. Block tasks take their share of those
+pixels while they hold the block (:func:`sample_block`, saved by :func:`save_piece`), so
+the PNG is assembled from small pieces at the end instead of reading the whole scene and
+store again. Road probability is painted over the image in red; nodata is grey. Panels, left
+to right: the image, then one per probability variable (``base``, ``refined``).
 """
 
 from __future__ import annotations
 
 import math
+import os
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
 import rasterio
-from rasterio.enums import Resampling
 from rasterio.errors import NotGeoreferencedWarning
-from rasterio.windows import Window
 
-from geoprn.raster import SceneInfo, open_raster
+from geoprn.tiling import Range
 
 GAP = 8
+MAX_SIDE = 1024
 ROAD = np.array([255.0, 32.0, 32.0])
 NODATA = np.array([160.0, 160.0, 160.0])
 
@@ -37,56 +39,97 @@ def _stretch(image: np.ndarray, valid: np.ndarray) -> np.ndarray:
     return np.moveaxis(rgb[:3], 0, -1)
 
 
-def _sampled(
-    ds: rasterio.DatasetReader, bands: list[int], step: int, shape: tuple[int, int]
-) -> tuple[np.ndarray, np.ndarray]:
-    """The scene's ``bands`` and validity at ``shape``: averaged from its overviews where it
-    has some, else every ``step``-th pixel (as the probability panels sample theirs) of strips
-    read at full resolution, whose blocks GDAL decodes in parallel (a decimated read of a
-    scene without overviews resamples it whole on one core)."""
-    if ds.overviews(bands[0]):
-        image = ds.read(bands, out_shape=(len(bands), *shape), resampling=Resampling.average)
-        return image, ds.dataset_mask(out_shape=shape, resampling=Resampling.nearest) > 0
-    rows = step * max(1, 512 // step)  # a multiple of step: the sampled rows stay on the grid
-    strips = [
-        Window(0, y0, ds.width, min(rows, ds.height - y0)) for y0 in range(0, ds.height, rows)
-    ]
-    image = [ds.read(bands, window=w)[:, ::step, ::step] for w in strips]
-    valid = [ds.dataset_mask(window=w)[::step, ::step] > 0 for w in strips]
-    return np.concatenate(image, axis=1), np.concatenate(valid)
+def sampling_step(height: int, width: int, max_side: int = MAX_SIDE) -> int:
+    """The stride between sampled pixels that keeps a panel within ``max_side``."""
+    return max(1, math.ceil(max(height, width) / max_side))
+
+
+def shown_bands(bands: list[int], count: int) -> list[int]:
+    """The scene bands the image panel shows: the model's first three, else the first three."""
+    return bands[:3] or list(range(1, min(count, 3) + 1))
+
+
+def sample_block(
+    ds: rasterio.DatasetReader,
+    bands: list[int],
+    rows: Range,
+    cols: Range,
+    valid: np.ndarray,
+    probabilities: Mapping[str, np.ndarray],
+    step: int,
+) -> dict[str, np.ndarray]:
+    """A block's piece of the quicklook: its sampled pixels of the image, validity and each
+    probability variable, and where they go (``origin``, in sampled pixels).
+
+    Args:
+        ds: the open scene.
+        bands: the bands to show (see :func:`shown_bands`).
+        rows, cols: the block's pixel ranges in the scene.
+        valid: (H, W) bool over the block, False at nodata.
+        probabilities: name -> (H, W) probabilities over the block, NaN at nodata.
+        step: :func:`sampling_step` of the scene.
+    """
+    first = [-(-start // step) * step for start in (rows[0], cols[0])]
+    inside = np.s_[first[0] - rows[0] :: step, first[1] - cols[0] :: step]
+    image = ds.read(bands, window=(rows, cols))[(slice(None), *inside)]
+    piece = {name: values[inside] for name, values in probabilities.items()}
+    origin = np.array([first[0] // step, first[1] // step])
+    return {**piece, "image": image, "valid": valid[inside], "origin": origin}
+
+
+def save_piece(folder: Path, key: str, piece: Mapping[str, np.ndarray]) -> None:
+    """Write a block's piece as ``folder/<key>.npz``, complete or not at all."""
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = folder / f"{key}.tmp"
+    with open(tmp, "wb") as file:
+        np.savez(file, **piece)
+    os.replace(tmp, folder / f"{key}.npz")
 
 
 def write_quicklook(
-    scene: SceneInfo,
-    bands: list[int],
-    probabilities: Mapping[str, object],
+    height: int,
+    width: int,
+    pieces: Path,
+    names: list[str],
     path: Path,
-    max_side: int = 1024,
+    max_side: int = MAX_SIDE,
 ) -> Path:
-    """Write the side-by-side PNG.
+    """Assemble the side-by-side PNG from the blocks' pieces.
 
     Args:
-        scene: the scene the probabilities belong to.
-        bands: scene bands to show (the first three; one band is shown in grey).
-        probabilities: name -> (H, W) array-like with NaN at nodata (Zarr arrays), in order.
+        height, width: the scene's size in pixels.
+        pieces: the folder :func:`save_piece` wrote to; pixels of blocks without a piece
+            (blocks with no valid pixel) are grey.
+        names: the probability variables, one panel each, in order.
         path: the PNG to write.
-        max_side: the longest side of each panel.
+        max_side: the longest side of each panel, as the pieces were sampled.
     """
-    step = max(1, math.ceil(max(scene.height, scene.width) / max_side))
-    shape = (math.ceil(scene.height / step), math.ceil(scene.width / step))
-    with open_raster(scene.path) as ds:
-        shown = bands[:3] or list(range(1, min(ds.count, 3) + 1))
-        image, valid = _sampled(ds, shown, step, shape)
-    rgb = _stretch(image, valid)
+    step = sampling_step(height, width, max_side)
+    shape = (math.ceil(height / step), math.ceil(width / step))
+    image = None
+    valid = np.zeros(shape, bool)
+    probs = {name: np.full(shape, np.nan) for name in names}
+    for file in sorted(pieces.glob("*.npz")):
+        with np.load(file) as piece:
+            y, x = piece["origin"]
+            h, w = piece["valid"].shape
+            if image is None:  # the shown bands: 1 to 3
+                image = np.zeros((len(piece["image"]), *shape))
+            image[:, y : y + h, x : x + w] = piece["image"]
+            valid[y : y + h, x : x + w] = piece["valid"]
+            for name in names:
+                probs[name][y : y + h, x : x + w] = piece[name]
+    rgb = _stretch(np.zeros((1, *shape)) if image is None else image, valid)
     panels = [np.where(valid[..., None], rgb, NODATA)]
-    for values in probabilities.values():
-        prob = np.asarray(values[::step, ::step], dtype=np.float64)[: shape[0], : shape[1]]
+    for prob in probs.values():
         alpha = np.clip(np.nan_to_num(prob, nan=0.0), 0, 1)[..., None] * 0.85
         panel = rgb * (1 - alpha) + ROAD * alpha
-        panels.append(np.where(np.isnan(prob)[..., None], NODATA, panel))
-    gap = np.full((shape[0], GAP, 3), 255.0)
-    canvas = np.concatenate([p for panel in panels for p in (panel, gap)][:-1], axis=1)
-    data = np.moveaxis(np.round(canvas).astype(np.uint8), -1, 0)
+        panel[np.isnan(prob)] = NODATA
+        panels.append(panel)
+    data = np.full((3, shape[0], len(panels) * (shape[1] + GAP) - GAP), 255, np.uint8)
+    for i, panel in enumerate(panels):  # rounded to the nearest, channels first
+        x = i * (shape[1] + GAP)
+        data[:, :, x : x + shape[1]] = np.moveaxis(np.rint(panel, out=panel), -1, 0)
     profile = {"driver": "PNG", "width": data.shape[2], "height": data.shape[1], "count": 3}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", NotGeoreferencedWarning)

@@ -273,7 +273,9 @@ def write_mask_cog(
 
     def mask_strip(y0: int) -> np.ndarray:
         strip = np.asarray(probabilities[y0 : y0 + chunk, :])
-        return np.where(np.isnan(strip), 255, strip > threshold).astype("uint8")
+        mask = (strip > threshold).view(np.uint8)  # no int64 temporary, as np.where makes
+        mask[np.isnan(strip)] = 255
+        return mask
 
     starts = range(0, scene.height, chunk)
     with warnings.catch_warnings():

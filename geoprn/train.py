@@ -133,6 +133,8 @@ def load_config(name_or_path: str | Path, **overrides: Any) -> dict[str, Any]:
     micro = str(config["micro_batch"])
     if micro != "auto" and not (micro.isdigit() and int(micro) >= 1):
         raise InputError(f"micro_batch must be 'auto' or a whole number of crops, not {micro!r}")
+    if micro == "auto":
+        memory_cap()  # a bad GEOPRN_TRAIN_MEMORY_MB fails here, before any work
     return config
 
 
@@ -449,13 +451,25 @@ def saved_bytes(model: torch.nn.Module, forward: Callable[[], object]) -> int:
     return sum(storages.values())
 
 
+def memory_cap() -> int | None:
+    """``GEOPRN_TRAIN_MEMORY_MB`` in bytes; None when unset.
+
+    Raises:
+        InputError: it is set to something other than a whole number of MiB.
+    """
+    text = os.environ.get("GEOPRN_TRAIN_MEMORY_MB")
+    if text is None:
+        return None
+    if not text.isdigit():
+        raise InputError(f"GEOPRN_TRAIN_MEMORY_MB={text!r} is not a whole number of MiB")
+    return int(text) << 20
+
+
 def free_memory(device: torch.device) -> int:
     """Bytes training may fill: ``GEOPRN_TRAIN_MEMORY_MB`` if set, else what the device has free."""
-    text = os.environ.get("GEOPRN_TRAIN_MEMORY_MB")
-    if text is not None:
-        if not text.isdigit():
-            raise InputError(f"GEOPRN_TRAIN_MEMORY_MB={text!r} is not a whole number of MiB")
-        return int(text) << 20
+    cap = memory_cap()
+    if cap is not None:
+        return cap
     if device.type == "cuda":
         return torch.cuda.mem_get_info(device)[0]
     return psutil.virtual_memory().available

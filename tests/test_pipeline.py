@@ -21,7 +21,7 @@ from geoprn import refine
 from geoprn.errors import InputError, OutputError, SchedulerError
 from geoprn.inference import predict_array
 from geoprn.models.checkpoint import load_cached
-from geoprn.pipeline import SHARED_WINDOWS
+from geoprn.pipeline import SHARED_WINDOWS, blocks_in_flight
 from tests.conftest import SHARED_DATA, massachusetts_pixels, write_raster
 
 STEM = "mass"
@@ -48,6 +48,8 @@ def assert_same_outputs(a: Path, b: Path, stem: str = STEM) -> None:
     for name in ("base", "refined"):
         np.testing.assert_array_equal(read(a, name, stem), read(b, name, stem))
     np.testing.assert_array_equal(mask(a, stem), mask(b, stem))
+    quicklooks = [rasterio.open(out / f"{stem}_quicklook.png").read() for out in (a, b)]
+    np.testing.assert_array_equal(*quicklooks)  # assembled from the blocks' pieces
 
 
 def test_outputs_are_probabilities_and_a_mask_of_them(reference):
@@ -142,6 +144,21 @@ def test_distributed_run_equals_local_run(reference, mass_scene, models, tmp_pat
     assert record.blocks["computed"] == 6
     assert len(seen) == 2 and not any(w.endswith(f":{os.getpid()}") for w in seen)
     assert_same_outputs(reference, tmp_path)
+
+
+def test_blocks_in_flight_are_a_workers_threads():
+    """--batch-size auto on a GPU sizes batches for the blocks a process runs at once: the
+    local scheduler's threads, or a distributed worker's."""
+    from distributed import Client, LocalCluster
+
+    assert blocks_in_flight(3) == 3
+    with (
+        LocalCluster(
+            n_workers=1, threads_per_worker=2, processes=True, dashboard_address=None
+        ) as cluster,
+        Client(cluster) as client,
+    ):
+        assert client.submit(blocks_in_flight, 3).result() == 2
 
 
 def test_unreachable_scheduler_fails_fast(mass_scene, models, tmp_path):

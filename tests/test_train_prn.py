@@ -288,6 +288,7 @@ def test_micro_batch_errors(val_crops, tmp_path, monkeypatch):
     monkeypatch.setenv("GEOPRN_TRAIN_MEMORY_MB", "lots")
     code, out = invoke(*args)
     assert code == 1 and "GEOPRN_TRAIN_MEMORY_MB='lots' is not a whole number" in out
+    assert not (tmp_path / "p.safetensors.cache.zarr").exists()  # refused before any work
 
 
 def test_micro_batches_accumulate_the_batch_gradient(val_crops, config):

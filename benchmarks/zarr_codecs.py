@@ -1,0 +1,115 @@
+"""Zarr compressors for ``refine``'s probabilities: stored size, write and read speed.
+
+Real probabilities: the shipped base model on Massachusetts test tiles (1500² each, NaN at
+nodata, as ``refine`` stores them), side by side in one array. Each candidate stores that
+array in 512² chunks through zarr's own write path (as ``store.write_block`` writes a block)
+and reads it back, ``--repeats`` times; the table gives the stored bytes over the raw float32
+bytes and the medians of write and read speed. ``*`` marks the compressor ``refine`` uses.
+
+    python benchmarks/zarr_codecs.py                 # 4 test tiles, format 2
+    python benchmarks/zarr_codecs.py --zarr-format 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import zarr
+from numcodecs import Blosc, Zstd
+from zarr.codecs import BloscCodec, ZstdCodec
+
+sys.path.insert(0, str(Path(__file__).parent))
+from prn_accuracy import split_tiles  # noqa: E402
+
+from geoprn import store  # noqa: E402
+from geoprn.data import load_tiles  # noqa: E402
+from geoprn.inference import predict_array  # noqa: E402
+from geoprn.models.checkpoint import DEFAULT_BASE, file_sha256, load_cached  # noqa: E402
+
+CANDIDATES = {
+    2: {
+        "zstd level 0 (zarr's default)": Zstd(0),
+        "zstd level 1": Zstd(1),
+        "blosc lz4, byte shuffle": Blosc("lz4", 5, Blosc.SHUFFLE),
+        "blosc lz4, bit shuffle": Blosc("lz4", 5, Blosc.BITSHUFFLE),
+        "blosc zstd 1, byte shuffle": Blosc("zstd", 1, Blosc.SHUFFLE),
+    },
+    3: {
+        "zstd level 0 (zarr's default)": ZstdCodec(level=0),
+        "blosc lz4, byte shuffle": BloscCodec(cname="lz4", clevel=5, shuffle="shuffle"),
+        "blosc zstd 1, byte shuffle": BloscCodec(cname="zstd", clevel=1, shuffle="shuffle"),
+    },
+}
+
+
+def probabilities(tiles: int) -> np.ndarray:
+    """The shipped base model's probabilities on the first test tiles, side by side."""
+    pairs = split_tiles("massachusetts", "test")[:tiles]
+    model = load_cached(str(DEFAULT_BASE), file_sha256(DEFAULT_BASE), "cpu")
+    out = []
+    for tile in load_tiles(pairs, model.geoprn_meta["bands"]):
+        probs = predict_array(model, tile.image, batch_size=1, valid=tile.valid)
+        out.append(np.where(tile.valid, probs, np.nan).astype(np.float32))
+    return np.concatenate(out, axis=1)
+
+
+def folder_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tiles", type=int, default=4)
+    parser.add_argument("--zarr-format", type=int, choices=(2, 3), default=2)
+    parser.add_argument("--repeats", type=int, default=5)
+    args = parser.parse_args()
+    values = probabilities(args.tiles)
+    used = repr(store.compressor(args.zarr_format))
+    print(
+        f"{values.shape[0]}x{values.shape[1]} float32 probabilities ({values.nbytes / 2**20:.0f} "
+        f"MiB, {np.isnan(values).mean():.0%} nodata), Zarr format {args.zarr_format}, 512 chunks\n"
+    )
+    print("| compressor | stored / raw | write MB/s | read MB/s |")
+    print("|---|---|---|---|")
+    workdir = Path(tempfile.mkdtemp(prefix="geoprn-codecs-"))
+    try:
+        for name, codec in CANDIDATES[args.zarr_format].items():
+            writes, reads = [], []
+            for _ in range(args.repeats):
+                path = workdir / "a.zarr"
+                shutil.rmtree(path, ignore_errors=True)
+                array = zarr.create_array(
+                    path,
+                    shape=values.shape,
+                    chunks=(512, 512),
+                    dtype="float32",
+                    fill_value=np.nan,
+                    zarr_format=args.zarr_format,
+                    compressors=codec,
+                )
+                started = time.perf_counter()
+                array[:, :] = values
+                writes.append(time.perf_counter() - started)
+                started = time.perf_counter()
+                back = array[:, :]
+                reads.append(time.perf_counter() - started)
+            np.testing.assert_array_equal(back, values)  # lossless, NaN included
+            mark = " *" if repr(codec) == used else ""
+            print(
+                f"| {name}{mark} | {folder_bytes(path) / values.nbytes:.3f} "
+                f"| {values.nbytes / statistics.median(writes) / 1e6:.0f} "
+                f"| {values.nbytes / statistics.median(reads) / 1e6:.0f} |"
+            )
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
