@@ -30,13 +30,12 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from prn_accuracy import scores, split_tiles  # noqa: E402
+from prn_accuracy import oracle, scores, split_tiles  # noqa: E402
 
 from geoprn.data import load_tiles  # noqa: E402
 from geoprn.inference import PRECISIONS, resolve_device  # noqa: E402
 from geoprn.losses import masked_bce, masked_boundary, masked_focal  # noqa: E402
 from geoprn.models.checkpoint import DEFAULT_BASE, DEFAULT_PRN, read_header  # noqa: E402
-from geoprn.pseudo_labels import patch_optimal_labels  # noqa: E402
 from geoprn.train import base_probabilities, refined_probabilities  # noqa: E402
 
 
@@ -82,22 +81,13 @@ def main() -> None:
     refined = refined_probabilities(
         probs, names, args.cache, args.prn, args.batch_size, device, args.precision
     )
+    pseudo_labels = [oracle(p, t, patch) for p, t in zip(probs, tiles, strict=True)]
     candidates: dict[str, list[np.ndarray]] = {
         "base probabilities (identity)": probs,
         "base @ 0.5, as 0.05 / 0.95": [hardened(p > 0.5) for p in probs],
-        f"pseudo-labels (P = {patch}), as 0.05 / 0.95": [],
+        f"pseudo-labels (P = {patch}), as 0.05 / 0.95": list(map(hardened, pseudo_labels)),
         f"PRN {Path(args.prn).name}": refined,
     }
-    pseudo_labels = []
-    for p, tile in zip(probs, tiles, strict=True):
-        pad = ((0, -p.shape[0] % patch), (0, -p.shape[1] % patch))
-        label, _ = patch_optimal_labels(
-            np.pad(p, pad), np.pad(tile.label, pad), patch, np.pad(tile.valid, pad)
-        )
-        pseudo_labels.append(label[: p.shape[0], : p.shape[1]])
-    candidates[f"pseudo-labels (P = {patch}), as 0.05 / 0.95"] = [
-        hardened(q > 0.5) for q in pseudo_labels
-    ]
     valid_pixels = sum(int(t.valid.sum()) for t in tiles)
     print(
         f"{args.dataset} {args.split} split, {len(tiles)} tiles, {valid_pixels} valid pixels; "

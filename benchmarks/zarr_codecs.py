@@ -1,12 +1,13 @@
 """Zarr compressors for ``refine``'s probabilities: stored size, write and read speed.
 
-Real probabilities: the shipped base model on Massachusetts test tiles (1500² each, NaN at
-nodata, as ``refine`` stores them), side by side in one array. Each candidate stores that
+Real probabilities: the shipped base model on the Massachusetts tiles with the most imagery
+(1500² each, NaN at nodata, as ``refine`` stores them; most of some tiles is nodata, which any
+codec stores for nothing), side by side in one array. Each candidate stores that
 array in 512² chunks through zarr's own write path (as ``store.write_block`` writes a block)
 and reads it back, ``--repeats`` times; the table gives the stored bytes over the raw float32
 bytes and the medians of write and read speed. ``*`` marks the compressor ``refine`` uses.
 
-    python benchmarks/zarr_codecs.py                 # 4 test tiles, format 2
+    python benchmarks/zarr_codecs.py                 # 4 train tiles, format 2
     python benchmarks/zarr_codecs.py --zarr-format 3
 """
 
@@ -30,8 +31,8 @@ from prn_accuracy import split_tiles  # noqa: E402
 
 from geoprn import store  # noqa: E402
 from geoprn.data import load_tiles  # noqa: E402
-from geoprn.inference import predict_array  # noqa: E402
-from geoprn.models.checkpoint import DEFAULT_BASE, file_sha256, load_cached  # noqa: E402
+from geoprn.models.checkpoint import DEFAULT_BASE, read_header  # noqa: E402
+from geoprn.train import base_probabilities  # noqa: E402
 
 CANDIDATES = {
     2: {
@@ -49,15 +50,18 @@ CANDIDATES = {
 }
 
 
-def probabilities(tiles: int) -> np.ndarray:
-    """The shipped base model's probabilities on the first test tiles, side by side."""
-    pairs = split_tiles("massachusetts", "test")[:tiles]
-    model = load_cached(str(DEFAULT_BASE), file_sha256(DEFAULT_BASE), "cpu")
-    out = []
-    for tile in load_tiles(pairs, model.geoprn_meta["bands"]):
-        probs = predict_array(model, tile.image, batch_size=1, valid=tile.valid)
-        out.append(np.where(tile.valid, probs, np.nan).astype(np.float32))
-    return np.concatenate(out, axis=1)
+def probabilities(split: str, tiles: int, cache: str) -> np.ndarray:
+    """The shipped base model's probabilities (NaN at nodata, as ``refine`` stores them) on
+    the ``tiles`` tiles of ``split`` with the most imagery, side by side; computed as
+    ``prn_accuracy.py`` does, in its cache."""
+    header = read_header(DEFAULT_BASE, "base")
+    labelled = load_tiles(
+        split_tiles("massachusetts", split), header["bands"], header.get("nodata")
+    )
+    labelled = sorted(labelled, key=lambda t: -t.valid.mean())[:tiles]
+    probs = base_probabilities(labelled, cache, DEFAULT_BASE, batch_size=1)
+    masked = [np.where(t.valid, p, np.nan) for p, t in zip(probs, labelled, strict=True)]
+    return np.concatenate(masked, axis=1).astype(np.float32)
 
 
 def folder_bytes(path: Path) -> int:
@@ -66,11 +70,17 @@ def folder_bytes(path: Path) -> int:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--tiles", type=int, default=4)
+    parser.add_argument("--split", default="train", help="Massachusetts split to take tiles from")
+    parser.add_argument("--tiles", type=int, default=4, help="its tiles with the most imagery")
     parser.add_argument("--zarr-format", type=int, choices=(2, 3), default=2)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument(
+        "--cache",
+        default=str(Path(tempfile.gettempdir()) / "geoprn-accuracy.zarr"),
+        help="prn_accuracy.py's cache of base probabilities",
+    )
     args = parser.parse_args()
-    values = probabilities(args.tiles)
+    values = probabilities(args.split, args.tiles, args.cache)
     used = repr(store.compressor(args.zarr_format))
     print(
         f"{values.shape[0]}x{values.shape[1]} float32 probabilities ({values.nbytes / 2**20:.0f} "
