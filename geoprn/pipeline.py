@@ -152,14 +152,18 @@ def _read_probabilities(ds: rasterio.DatasetReader, rows: Range, cols: Range) ->
     return np.nan_to_num(data.astype(np.float32) / scale, nan=0.0)
 
 
-def predict_stages(job: RefineJob, rows: Range, cols: Range) -> tuple[dict[str, np.ndarray], int]:
+def predict_stages(
+    job: RefineJob, rows: Range, cols: Range
+) -> tuple[dict[str, np.ndarray], int, np.ndarray | None]:
     """Every stage's probabilities over work-grid pixels ``rows`` x ``cols``.
 
     Each stage runs the windows touching the region the next stage needs (its halo), so the
     region's values are those of the scene-wide blend, whatever the region.
 
     Returns:
-        Variable name -> (H, W) float32 probabilities (0 at nodata), and the windows run.
+        Variable name -> (H, W) float32 probabilities (0 at nodata); the windows run; and the
+        image bands read for the models, (C, H, W) over ``rows`` x ``cols`` (a view of the
+        halo read), or None when no image was read (``--probs`` without BPR).
     """
     device = resolve_device(job.device)
     batch_size = job.batch_size or auto_batch_size(device, blocks_in_flight(job.threads))
@@ -226,7 +230,8 @@ def predict_stages(job: RefineJob, rows: Range, cols: Range) -> tuple[dict[str, 
         name: probs[y0 - oy : y1 - oy, x0 - ox : x1 - ox].cpu().numpy()
         for name, (probs, (oy, ox)) in outputs.items()
     }
-    return cropped, windows
+    own = None if image is None else image[:, y0 - ry0 : y1 - ry0, x0 - rx0 : x1 - rx0]
+    return cropped, windows, own
 
 
 def window_cache_bytes() -> int:
@@ -286,17 +291,20 @@ def process_block(job: RefineJob, block: Block) -> BlockResult:
             store.mark_done(job.paths, block, "skipped")
             return BlockResult(block.key, "skipped")
         grid = job.grid
-        if grid.resampled:
+        if grid.resampled:  # the image read was on the work grid: not the scene's pixels
             support = grid.support(block.rows), grid.support(block.cols)
-            work, windows = predict_stages(job, *support)
+            work, windows, _ = predict_stages(job, *support)
             probs = {name: grid.to_scene(v, block.rows, block.cols) for name, v in work.items()}
+            image = None
         else:
-            probs, windows = predict_stages(job, block.rows, block.cols)
+            probs, windows, image = predict_stages(job, block.rows, block.cols)
         for values in probs.values():
             values[~valid] = np.nan
         step = sampling_step(job.scene.height, job.scene.width)
         bands = shown_bands(job.bands, ds.count)
-        piece = sample_block(ds, bands, block.rows, block.cols, valid, probs, step)
+        if image is None or len(job.bands) < len(bands):
+            image = ds.read(bands, window=(block.rows, block.cols))
+        piece = sample_block(image[: len(bands)], block.rows, block.cols, valid, probs, step)
     save_piece(job.paths.pieces, block.key, piece)  # before the block's done marker
     store.write_block(job.paths, block, probs)
     return BlockResult(block.key, "computed", windows, time.perf_counter() - started)

@@ -50,8 +50,7 @@ def shown_bands(bands: list[int], count: int) -> list[int]:
 
 
 def sample_block(
-    ds: rasterio.DatasetReader,
-    bands: list[int],
+    image: np.ndarray,
     rows: Range,
     cols: Range,
     valid: np.ndarray,
@@ -62,8 +61,7 @@ def sample_block(
     probability variable, and where they go (``origin``, in sampled pixels).
 
     Args:
-        ds: the open scene.
-        bands: the bands to show (see :func:`shown_bands`).
+        image: (C, H, W) the bands to show over the block (see :func:`shown_bands`).
         rows, cols: the block's pixel ranges in the scene.
         valid: (H, W) bool over the block, False at nodata.
         probabilities: name -> (H, W) probabilities over the block, NaN at nodata.
@@ -71,9 +69,9 @@ def sample_block(
     """
     first = [-(-start // step) * step for start in (rows[0], cols[0])]
     inside = np.s_[first[0] - rows[0] :: step, first[1] - cols[0] :: step]
-    image = ds.read(bands, window=(rows, cols))[(slice(None), *inside)]
     piece = {name: values[inside] for name, values in probabilities.items()}
     origin = np.array([first[0] // step, first[1] // step])
+    image = image[(slice(None), *inside)]
     return {**piece, "image": image, "valid": valid[inside], "origin": origin}
 
 
