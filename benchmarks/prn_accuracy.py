@@ -57,6 +57,32 @@ def split_tiles(dataset: str, split: str):
     return [p for p in discover_pairs([DATA / dataset / split]) if p.name in names]
 
 
+def add_probability_options(parser: argparse.ArgumentParser, split: str) -> None:
+    """The options of the scripts that score a base model's cached probabilities on a split."""
+    parser.add_argument("--dataset", default="massachusetts")
+    parser.add_argument("--split", default=split)
+    parser.add_argument("--base", default=str(DEFAULT_BASE))
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--precision", choices=PRECISIONS, default="auto", help="as refine's")
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument(
+        "--cache",
+        default=str(Path(tempfile.gettempdir()) / "geoprn-accuracy.zarr"),
+        help="Zarr cache of the base and PRN probabilities (reused by later runs)",
+    )
+
+
+def labelled_probabilities(args: argparse.Namespace, splits: list[str]):
+    """The tiles of ``splits`` and the base model's probabilities on them (cached)."""
+    header = read_header(args.base, "base")
+    pairs = [p for split in splits for p in split_tiles(args.dataset, split)]
+    tiles = load_tiles(pairs, header["bands"], header.get("nodata"))
+    probs = base_probabilities(
+        tiles, args.cache, args.base, None, args.batch_size, args.device, args.precision
+    )
+    return tiles, probs
+
+
 def scores(preds, tiles) -> dict[str, float]:
     conf, bnd = Confusion(), BoundaryCounts()
     for pred, tile in zip(preds, tiles, strict=True):
@@ -97,44 +123,24 @@ def timed_predictions(
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--dataset", default="massachusetts")
-    parser.add_argument("--split", default="test")
-    parser.add_argument("--base", default=str(DEFAULT_BASE))
+    add_probability_options(parser, "test")
     parser.add_argument(
         "--prn", action="append", help="repeatable (default: the shipped PRN); 'none': no PRN row"
     )
     parser.add_argument("--patch", type=int, default=64, help="the oracle's patch with --prn none")
     parser.add_argument("--bpr", default=str(DEFAULT_BPR), help="'none' leaves the BPR rows out")
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--precision", choices=PRECISIONS, default="auto", help="as refine's")
-    parser.add_argument("--batch-size", type=int, default=4)
-    parser.add_argument(
-        "--cache",
-        default=str(Path(tempfile.gettempdir()) / "geoprn-accuracy.zarr"),
-        help="Zarr cache of the base and PRN probabilities (reused by later runs)",
-    )
     args = parser.parse_args()
     prns = [] if args.prn == ["none"] else args.prn or [str(DEFAULT_PRN)]
     if not prns and args.bpr != "none":
         parser.error("--prn none needs --bpr none (BPR runs after the first PRN)")
-    device = resolve_device(args.device)
-    header = read_header(args.base, "base")
-    bands, nodata = header["bands"], header.get("nodata")
+    device = args.device = resolve_device(args.device)
     started = time.perf_counter()
-
-    def base_probs(tiles):
-        return base_probabilities(
-            tiles, args.cache, args.base, None, args.batch_size, device, args.precision
-        )
-
-    val = load_tiles(split_tiles(args.dataset, "val"), bands, nodata)
-    val_probs = base_probs(val)
+    val, val_probs = labelled_probabilities(args, ["val"])
     best_tau = max(
         (float(t) for t in THRESHOLDS),
         key=lambda t: scores([p > t for p in val_probs], val)["road IoU"],
     )
-    test = load_tiles(split_tiles(args.dataset, args.split), bands, nodata)
-    probs = base_probs(test)
+    test, probs = labelled_probabilities(args, [args.split])
     names = [t.name for t in test]
     patch = int(read_header(prns[0], "prn")["patch_size"]) if prns else args.patch
     rows = {

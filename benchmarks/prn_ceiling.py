@@ -26,18 +26,15 @@ from __future__ import annotations
 
 import argparse
 import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from prn_accuracy import split_tiles  # noqa: E402
+from prn_accuracy import add_probability_options, labelled_probabilities  # noqa: E402
 
-from geoprn.data import load_tiles  # noqa: E402
-from geoprn.inference import PRECISIONS, resolve_device  # noqa: E402
-from geoprn.models.checkpoint import DEFAULT_BASE, read_header  # noqa: E402
+from geoprn.inference import resolve_device  # noqa: E402
 from geoprn.pseudo_labels import THRESHOLDS  # noqa: E402
 
 CHOICES = [float(t) for t in THRESHOLDS] + [np.inf]  # the last: blank
@@ -160,32 +157,17 @@ def fit_policy(patches: Patches, hidden: int, steps: int, seed: int = 0):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--dataset", default="massachusetts")
+    add_probability_options(parser, "test")
     parser.add_argument("--fit", default="train,val", help="splits the policies are fitted on")
-    parser.add_argument("--split", default="test", help="the split they are scored on")
-    parser.add_argument("--base", default=str(DEFAULT_BASE))
     parser.add_argument("--patch", type=int, default=64)
     parser.add_argument("--bins", type=int, default=8)
     parser.add_argument("--hidden", type=int, default=32)
     parser.add_argument("--steps", type=int, default=2000)
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--precision", choices=PRECISIONS, default="auto")
-    parser.add_argument("--batch-size", type=int, default=4)
-    parser.add_argument(
-        "--cache", default=str(Path(tempfile.gettempdir()) / "geoprn-accuracy.zarr")
-    )
     args = parser.parse_args()
-    from geoprn.train import base_probabilities
-
-    device = resolve_device(args.device)
-    header = read_header(args.base, "base")
+    args.device = resolve_device(args.device)
 
     def patches_of(splits: list[str]) -> Patches:
-        pairs = [p for s in splits for p in split_tiles(args.dataset, s)]
-        tiles = load_tiles(pairs, header["bands"], header.get("nodata"))
-        probs = base_probabilities(
-            tiles, args.cache, args.base, None, args.batch_size, device, args.precision
-        )
+        tiles, probs = labelled_probabilities(args, splits)
         return Patches(probs, tiles, args.patch)
 
     fit, scored = patches_of(args.fit.split(",")), patches_of([args.split])

@@ -23,20 +23,23 @@ from __future__ import annotations
 
 import argparse
 import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from prn_accuracy import oracle, scores, split_tiles  # noqa: E402
+from prn_accuracy import (  # noqa: E402
+    add_probability_options,
+    labelled_probabilities,
+    oracle,
+    scores,
+)
 
-from geoprn.data import load_tiles  # noqa: E402
-from geoprn.inference import PRECISIONS, resolve_device  # noqa: E402
+from geoprn.inference import resolve_device  # noqa: E402
 from geoprn.losses import masked_bce, masked_boundary, masked_focal  # noqa: E402
-from geoprn.models.checkpoint import DEFAULT_BASE, DEFAULT_PRN, read_header  # noqa: E402
-from geoprn.train import base_probabilities, refined_probabilities  # noqa: E402
+from geoprn.models.checkpoint import DEFAULT_PRN, read_header  # noqa: E402
+from geoprn.train import refined_probabilities  # noqa: E402
 
 
 def hardened(mask: np.ndarray) -> np.ndarray:
@@ -59,24 +62,12 @@ def loss_terms(probs: np.ndarray, pseudo: np.ndarray, truth: np.ndarray, valid: 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--dataset", default="massachusetts")
-    parser.add_argument("--split", default="val")
-    parser.add_argument("--base", default=str(DEFAULT_BASE))
+    add_probability_options(parser, "val")
     parser.add_argument("--prn", default=str(DEFAULT_PRN))
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--precision", choices=PRECISIONS, default="auto")
-    parser.add_argument("--batch-size", type=int, default=4)
-    parser.add_argument(
-        "--cache", default=str(Path(tempfile.gettempdir()) / "geoprn-accuracy.zarr")
-    )
     args = parser.parse_args()
-    device = resolve_device(args.device)
-    header = read_header(args.base, "base")
+    device = args.device = resolve_device(args.device)
     patch = int(read_header(args.prn, "prn")["patch_size"])
-    tiles = load_tiles(split_tiles(args.dataset, args.split), header["bands"], header.get("nodata"))
-    probs = base_probabilities(
-        tiles, args.cache, args.base, None, args.batch_size, device, args.precision
-    )
+    tiles, probs = labelled_probabilities(args, [args.split])
     names = [t.name for t in tiles]
     refined = refined_probabilities(
         probs, names, args.cache, args.prn, args.batch_size, device, args.precision
