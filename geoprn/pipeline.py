@@ -14,6 +14,7 @@ import logging
 import os
 import socket
 import time
+import uuid
 import warnings
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -63,6 +64,7 @@ from geoprn.tiling import (
     Block,
     Range,
     block_grid,
+    lanes,
     serpentine,
     stage_regions,
     window_origins,
@@ -340,6 +342,19 @@ def local_threads(device: str) -> int:
     return 3 if resolve_device(device).type == "cuda" else 1
 
 
+LANES_PER_THREAD = 2
+"""On a cluster, the blocks are cut into this many runs of neighbours per worker thread; each
+run goes to one process in order, so its blocks share that process's window cache (a cluster
+otherwise places neighbours in different processes, which compute their shared windows
+twice). More runs than threads let a thread whose run was mostly nodata take another."""
+
+
+def _after(previous: BlockResult | None, job: RefineJob, block: Block) -> BlockResult:
+    """:func:`process_block`, run once ``previous`` (the block before it in its run) is done:
+    the scheduler places it where ``previous`` ran."""
+    return process_block(job, block)
+
+
 def run_blocks(
     job: RefineJob,
     blocks: list[Block],
@@ -348,19 +363,29 @@ def run_blocks(
     threads: int = 1,
 ) -> list[BlockResult]:
     """Run the block tasks on the local threaded scheduler or on a ``distributed`` cluster."""
-    ordered = serpentine(blocks)  # neighbours in a row, so shared windows are reused soonest
-    tasks = [  # the local scheduler runs independent tasks in descending key order
-        dask.delayed(process_block, pure=False)(
-            job, block, dask_key_name=f"block-{len(ordered) - i:07d}"
-        )
-        for i, block in enumerate(ordered)
-    ]
+    run = uuid.uuid4().hex[:12]  # this run's task keys: a shared cluster may run others at once
     if client is None:
+        ordered = serpentine(blocks)  # neighbours in a row, so shared windows are reused soonest
+        tasks = [  # the local scheduler runs independent tasks in descending key order
+            dask.delayed(process_block, pure=False)(
+                job, block, dask_key_name=f"block-{run}-{len(ordered) - i:07d}"
+            )
+            for i, block in enumerate(ordered)
+        ]
         with _BlockProgress(report):
             return list(dask.compute(*tasks, scheduler="threads", num_workers=threads))
 
     from distributed import as_completed
 
+    cluster_threads = sum(client.nthreads().values()) or len(blocks)  # none yet: adaptive
+    tasks = []
+    for lane in lanes(blocks, LANES_PER_THREAD * cluster_threads):
+        previous = None
+        for block in lane:
+            previous = dask.delayed(_after, pure=False)(
+                previous, job, block, dask_key_name=f"block-{run}-{block.key}"
+            )
+            tasks.append(previous)
     results = []
     for future in as_completed(client.compute(tasks)):
         results.append(future.result())

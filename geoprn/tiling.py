@@ -8,6 +8,7 @@ results that do not depend on block size or scheduler.
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -163,3 +164,13 @@ def serpentine(blocks: list[Block]) -> list[Block]:
         for r, row in enumerate(sorted(rows))
         for block in sorted(rows[row], key=lambda b: b.col, reverse=r % 2 == 1)
     ]
+
+
+def lanes(blocks: list[Block], count: int) -> list[list[Block]]:
+    """``blocks`` in :func:`serpentine` order, cut into ``count`` runs of neighbours, as even as
+    possible (fewer when there are fewer blocks)."""
+    ordered = serpentine(blocks)
+    count = max(1, min(count, len(ordered)))
+    size, extra = divmod(len(ordered), count)
+    starts = [i * size + min(i, extra) for i in range(count + 1)]
+    return [ordered[a:b] for a, b in itertools.pairwise(starts)]

@@ -21,7 +21,8 @@ from geoprn import refine
 from geoprn.errors import InputError, OutputError, SchedulerError
 from geoprn.inference import predict_array
 from geoprn.models.checkpoint import load_cached
-from geoprn.pipeline import SHARED_WINDOWS, blocks_in_flight
+from geoprn.pipeline import LANES_PER_THREAD, SHARED_WINDOWS, blocks_in_flight
+from geoprn.tiling import block_grid, lanes
 from tests.conftest import SHARED_DATA, massachusetts_pixels, write_raster
 
 STEM = "mass"
@@ -130,7 +131,7 @@ def test_distributed_run_equals_local_run(reference, mass_scene, models, tmp_pat
     with LocalCluster(
         n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None
     ) as cluster:
-        seen = set()
+        ran_on = {}
         record = refine(
             mass_scene,
             tmp_path,
@@ -139,11 +140,51 @@ def test_distributed_run_equals_local_run(reference, mass_scene, models, tmp_pat
             block_size=512,
             device="cpu",
             scheduler=cluster.scheduler_address,
-            progress=lambda done, total, result: result and seen.add(result.worker),
+            progress=lambda done, total, r: r and ran_on.update({r.key: r.worker}),
         )
     assert record.blocks["computed"] == 6
+    seen = set(ran_on.values())
     assert len(seen) == 2 and not any(w.endswith(f":{os.getpid()}") for w in seen)
+    # each run of neighbouring blocks ran in one process, sharing its window cache
+    runs = lanes(block_grid(900, 1100, 512), LANES_PER_THREAD * 2)
+    assert len(runs) == 4 and all(len({ran_on[b.key] for b in run}) == 1 for run in runs)
     assert_same_outputs(reference, tmp_path)
+
+
+def test_two_runs_at_once_on_one_cluster_keep_their_own_blocks(mass_scene, models, tmp_path):
+    """Two scenes refined at the same time through one scheduler (two users of a cluster):
+    their block tasks must not be taken for each other's, so each output equals its local run."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from distributed import LocalCluster
+
+    other = write_raster(tmp_path / "other.tif", massachusetts_pixels(900, 1100)[:, ::-1].copy())
+    scenes = {"mass": mass_scene, "other": other}
+    options = {"base": models["base"], "use_prn": False, "block_size": 512, "device": "cpu"}
+    for stem, scene in scenes.items():
+        refine(scene, tmp_path / "local" / stem, **options)
+    with (
+        LocalCluster(
+            n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None
+        ) as cluster,
+        ThreadPoolExecutor(2) as pool,
+    ):
+        runs = [
+            pool.submit(
+                refine,
+                scene,
+                tmp_path / "cluster" / stem,
+                **options,
+                scheduler=cluster.scheduler_address,
+            )
+            for stem, scene in scenes.items()
+        ]
+        for run in runs:
+            assert run.result().blocks["computed"] == 6
+    for stem in scenes:
+        local, shared = tmp_path / "local" / stem, tmp_path / "cluster" / stem
+        np.testing.assert_array_equal(read(local, "base", stem), read(shared, "base", stem))
+        np.testing.assert_array_equal(mask(local, stem), mask(shared, stem))
 
 
 def test_blocks_in_flight_are_a_workers_threads():

@@ -8,6 +8,7 @@ from geoprn.tiling import (
     blend_weights,
     block_grid,
     cover,
+    lanes,
     serpentine,
     stage_regions,
     touching,
@@ -111,3 +112,12 @@ def test_serpentine_order_visits_each_block_once_from_neighbour_to_neighbour():
     assert [b.key for b in ordered[:6]] == ["0_0", "0_1", "0_2", "1_2", "1_1", "1_0"]
     for a, b in zip(ordered, ordered[1:], strict=False):
         assert abs(a.row - b.row) + abs(a.col - b.col) == 1
+
+
+def test_lanes_cut_the_serpentine_into_even_runs_of_neighbours():
+    blocks = block_grid(3 * 512, 4 * 512, 512)  # 12 blocks
+    runs = lanes(blocks, 5)
+    assert [b for run in runs for b in run] == serpentine(blocks)
+    assert [len(run) for run in runs] == [3, 3, 2, 2, 2]
+    assert lanes(blocks, 40) == [[b] for b in serpentine(blocks)]
+    assert lanes(blocks, 0) == [serpentine(blocks)]
