@@ -38,7 +38,7 @@ from geoprn.models.checkpoint import (  # noqa: E402
     load_cached,
     read_header,
 )
-from geoprn.pipeline import SHARED_WINDOWS  # noqa: E402
+from geoprn.pipeline import window_cache_bytes  # noqa: E402
 from geoprn.tiling import DEFAULT_BLOCK_SIZE, block_grid, serpentine, window_origins  # noqa: E402
 
 TILE = 512
@@ -85,7 +85,7 @@ def work_factor(overlap: int, block_size: int) -> float:
     one after another sharing windows as ``refine`` does on the local scheduler."""
     origins = window_origins(SCENE, TILE, overlap)
     blocks = serpentine(block_grid(SCENE, SCENE, block_size))  # refine's order
-    runs = windows_run((origins, origins), blocks, TILE, 2, SHARED_WINDOWS.max_bytes)
+    runs = windows_run((origins, origins), blocks, TILE, 2, window_cache_bytes())
     return sum(runs) / (2 * (SCENE / TILE) ** 2)
 
 

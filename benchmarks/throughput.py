@@ -68,7 +68,7 @@ from geoprn.models.checkpoint import (  # noqa: E402
     load_model,
     read_header,
 )
-from geoprn.pipeline import SHARED_WINDOWS, refine  # noqa: E402  (imported before timing)
+from geoprn.pipeline import refine, window_cache_bytes  # noqa: E402  (imported before timing)
 from geoprn.raster import SceneInfo, open_scene, read_region  # noqa: E402
 from geoprn.tiling import block_grid, serpentine, window_origins  # noqa: E402
 
@@ -224,7 +224,7 @@ def recompute_factors(
     run one after another on the local scheduler with its cache of shared windows."""
     origins = (window_origins(height, tile, overlap), window_origins(width, tile, overlap))
     blocks = serpentine(block_grid(height, width, block_size))  # the local scheduler's order
-    runs = windows_run(origins, blocks, tile, stages, SHARED_WINDOWS.max_bytes)
+    runs = windows_run(origins, blocks, tile, stages, window_cache_bytes())
     return [run / (len(origins[0]) * len(origins[1])) for run in runs]
 
 

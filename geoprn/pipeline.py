@@ -237,25 +237,26 @@ def predict_stages(
 
 
 def window_cache_bytes() -> int:
-    """``GEOPRN_WINDOW_CACHE_MB`` in bytes, 1 GiB when unset; a value that is not a whole
-    number of MiB is reported and the default used."""
+    """``GEOPRN_WINDOW_CACHE_MB`` in bytes, 1 GiB when unset.
+
+    Raises:
+        InputError: the value is not a whole number of MiB.
+    """
     text = os.environ.get("GEOPRN_WINDOW_CACHE_MB", "1024")
     try:
         return max(int(text), 0) << 20
     except ValueError:
-        warnings.warn(
-            f"GEOPRN_WINDOW_CACHE_MB={text!r} is not a whole number of MiB: using 1024",
-            GeoprnWarning,
-            stacklevel=2,
-        )
-        return 1024 << 20
+        raise InputError(
+            f"GEOPRN_WINDOW_CACHE_MB={text!r} is not a whole number of MiB (unset: 1024)"
+        ) from None
 
 
-SHARED_WINDOWS = WindowCache(window_cache_bytes())
-"""The windows this process has run that blocks still to come need (one per Dask worker).
-1 GiB (``GEOPRN_WINDOW_CACHE_MB``) holds every shared window of a 40,000 px square scene
-run at the default block size, so each window is computed once; larger scenes recompute some
-of the windows shared between rows of blocks (``benchmarks/throughput.py`` prints how many)."""
+SHARED_WINDOWS = WindowCache()
+"""The windows this process has run that blocks still to come need (one per Dask worker),
+sized by ``GEOPRN_WINDOW_CACHE_MB`` as each block starts. 1 GiB holds every shared window of a
+40,000 px square scene run at the default block size, so each window is computed once; larger
+scenes recompute some of the windows shared between rows of blocks
+(``benchmarks/throughput.py`` prints how many)."""
 
 
 def shared_windows(job: RefineJob, origins: tuple[np.ndarray, np.ndarray]) -> list[SharedWindows]:
@@ -266,6 +267,7 @@ def shared_windows(job: RefineJob, origins: tuple[np.ndarray, np.ndarray]) -> li
     spans = (sorted({b.rows for b in blocks}), sorted({b.cols for b in blocks}))
     if job.grid.resampled:  # the blocks' regions on the work grid, as process_block asks them
         spans = tuple([job.grid.support(span) for span in axis] for axis in spans)
+    SHARED_WINDOWS.max_bytes = window_cache_bytes()  # this process's setting
     inputs = [job.scene.path, job.probs] if job.probs else [job.scene.path]
     key = (repr(job), *((st.st_size, st.st_mtime_ns) for st in map(os.stat, inputs)))
     return SharedWindows.chain(SHARED_WINDOWS, key, origins, spans, job.tile, len(job.stages))
@@ -458,6 +460,7 @@ def refine(
         The run record, also written to ``<stem>_run.json``.
     """
     started = time.perf_counter()
+    window_cache_bytes()  # a bad setting is refused before any work
     info = open_scene(scene)
     job = _plan(
         info,

@@ -186,6 +186,15 @@ def test_bad_options(scene, models, tmp_path):
     assert result.exit_code == 2 and "band numbers" in result.stderr
 
 
+def test_bad_window_cache_setting_is_refused_before_any_output(
+    scene, models, tmp_path, monkeypatch
+):
+    monkeypatch.setenv("GEOPRN_WINDOW_CACHE_MB", "1G")
+    result = run("refine", scene, "-o", tmp_path / "o", "--base", models["base"], "--no-prn")
+    assert_one_line_error(result, "GEOPRN_WINDOW_CACHE_MB='1G' is not a whole number of MiB")
+    assert not (tmp_path / "o").exists()
+
+
 def test_prn_trained_for_another_base_is_said_once(scene, models, tmp_path):
     other = {"sha256": "0" * 64, "file": "other_base.safetensors"}
     prn = make_checkpoint(tmp_path / "prn.safetensors", "prn", 1, 2, base=other)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from geoprn.errors import GeoprnWarning
+from geoprn.errors import InputError
 from geoprn.inference import WindowCache
 from geoprn.pipeline import window_cache_bytes
 
@@ -40,6 +40,8 @@ def test_kept_values_are_a_copy_and_the_oldest_go_past_the_budget():
 def test_the_cache_budget_comes_from_the_environment(monkeypatch):
     monkeypatch.setenv("GEOPRN_WINDOW_CACHE_MB", "64")
     assert window_cache_bytes() == 64 << 20
+    monkeypatch.delenv("GEOPRN_WINDOW_CACHE_MB")
+    assert window_cache_bytes() == 1024 << 20
     monkeypatch.setenv("GEOPRN_WINDOW_CACHE_MB", "lots")
-    with pytest.warns(GeoprnWarning, match="not a whole number of MiB"):
-        assert window_cache_bytes() == 1024 << 20
+    with pytest.raises(InputError, match="not a whole number of MiB"):
+        window_cache_bytes()

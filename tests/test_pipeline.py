@@ -102,7 +102,7 @@ def test_output_does_not_depend_on_block_size(reference, mass_scene, models, tmp
 def test_blocks_that_recompute_their_halos_give_the_same_outputs(
     reference, mass_scene, models, tmp_path, monkeypatch
 ):
-    monkeypatch.setattr(SHARED_WINDOWS, "max_bytes", 0)  # nothing kept between blocks
+    monkeypatch.setenv("GEOPRN_WINDOW_CACHE_MB", "0")  # nothing kept between blocks
     kept = len(SHARED_WINDOWS)
     record = refine(
         mass_scene, tmp_path, base=models["base"], prn=models["prn"], block_size=512, device="cpu"
