@@ -487,7 +487,8 @@ def refine(
     if vectors and info.crs is None:
         raise InputError(f"{info.path} has no CRS; road vectors need one (drop --vectors)")
     signature = _signature(job, threshold, zarr_format)
-    with connect(scheduler) as client:  # before touching outputs: a dead address changes nothing
+    # the scheduler first (a dead address changes nothing), then the outputs, held to the end
+    with connect(scheduler) as client, store.exclusive(job.paths):
         resumed = store.prepare(job.paths, signature, overwrite)
         if not resumed:
             store.create(job.paths, info, job.variables, signature, zarr_format)
@@ -514,50 +515,50 @@ def refine(
         if not computed and not done_before and blocks:
             store.remove_outputs(job.paths)
             raise InputError(f"{info.path} has no valid pixels: every block is nodata")
-    blocks_seconds = time.perf_counter() - started
+        blocks_seconds = time.perf_counter() - started
 
-    refined = store.open_variable(job.paths, job.variables[-1])
-    with ThreadPoolExecutor(2) as pool:  # side by side: the quicklook only assembles pieces
-        written = [
-            pool.submit(write_mask_cog, refined, info, job.paths.mask, threshold),
-            pool.submit(
-                write_quicklook,
-                info.height,
-                info.width,
-                job.paths.pieces,
-                job.variables,
-                job.paths.quicklook,
-            ),
-        ]
-        for future in written:
-            future.result()
-    outputs = {"zarr": job.paths.zarr, "mask": job.paths.mask, "quicklook": job.paths.quicklook}
-    if vectors:
-        roads = extract_roads(
-            job.paths.zarr, threshold, job.variables[-1], simplify_m, min_length_m, block_size
+        refined = store.open_variable(job.paths, job.variables[-1])
+        with ThreadPoolExecutor(2) as pool:  # side by side: the quicklook only assembles pieces
+            written = [
+                pool.submit(write_mask_cog, refined, info, job.paths.mask, threshold),
+                pool.submit(
+                    write_quicklook,
+                    info.height,
+                    info.width,
+                    job.paths.pieces,
+                    job.variables,
+                    job.paths.quicklook,
+                ),
+            ]
+            for future in written:
+                future.result()
+        outputs = {"zarr": job.paths.zarr, "mask": job.paths.mask, "quicklook": job.paths.quicklook}
+        if vectors:
+            roads = extract_roads(
+                job.paths.zarr, threshold, job.variables[-1], simplify_m, min_length_m, block_size
+            )
+            outputs["roads"] = write_roads(roads, job.paths.roads, overwrite=True)
+        record = RunRecord(
+            inputs={
+                **signature,
+                "device": job.device,
+                "batch_size": batch_size,
+                "scheduler": scheduler or f"local, {threads} thread(s)",
+            },
+            blocks={
+                "total": len(blocks),
+                "computed": len(computed),
+                "skipped": sum(r.status == "skipped" for r in results),
+                "resumed": len(done_before),
+            },
+            windows=sum(r.windows for r in computed),
+            seconds={
+                "blocks": round(blocks_seconds, 3),
+                "total": round(time.perf_counter() - started, 3),
+            },
+            outputs={name: str(path) for name, path in outputs.items()},
         )
-        outputs["roads"] = write_roads(roads, job.paths.roads, overwrite=True)
-    record = RunRecord(
-        inputs={
-            **signature,
-            "device": job.device,
-            "batch_size": batch_size,
-            "scheduler": scheduler or f"local, {threads} thread(s)",
-        },
-        blocks={
-            "total": len(blocks),
-            "computed": len(computed),
-            "skipped": sum(r.status == "skipped" for r in results),
-            "resumed": len(done_before),
-        },
-        windows=sum(r.windows for r in computed),
-        seconds={
-            "blocks": round(blocks_seconds, 3),
-            "total": round(time.perf_counter() - started, 3),
-        },
-        outputs={name: str(path) for name, path in outputs.items()},
-    )
-    job.paths.run_json.write_text(json.dumps(asdict(record), indent=1))
+        job.paths.run_json.write_text(json.dumps(asdict(record), indent=1))
     return record
 
 

@@ -9,17 +9,21 @@ Layout of ``OUTDIR`` for a scene ``<stem>``::
     <stem>_run.json      what ran, on what, how long
     .<stem>.geoprn/      run state: signature.json, done/<row>_<col> markers and the
                          blocks' quicklook pieces, quicklook/<row>_<col>.npz
+    .<stem>.lock         exists, locked, while a run writes these outputs
 
 A block's marker is written only after its data is in the store, so a run killed at any point
 resumes by computing the blocks without a marker. A different command on the same outputs
-is refused unless the caller asks to overwrite.
+is refused unless the caller asks to overwrite, and so is any run while another one writes them.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import shutil
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -93,12 +97,11 @@ class OutputPaths:
         return [self.zarr, self.mask, self.quicklook, self.roads, self.run_json, self.state]
 
 
-def prepare(paths: OutputPaths, signature: dict[str, Any], overwrite: bool) -> bool:
-    """Make the output folder ready; return True when an unfinished run is being resumed.
+def make_folder(paths: OutputPaths) -> None:
+    """Create the output folder if needed.
 
     Raises:
-        OutputError: the folder is not writable, or it holds outputs of a different command
-            (or outputs with no run state) and ``overwrite`` is false.
+        OutputError: it cannot be created, or it is not writable.
     """
     try:
         paths.outdir.mkdir(parents=True, exist_ok=True)
@@ -106,6 +109,49 @@ def prepare(paths: OutputPaths, signature: dict[str, Any], overwrite: bool) -> b
         raise OutputError(f"cannot create output folder {paths.outdir}: {exc.strerror}") from None
     if not os.access(paths.outdir, os.W_OK | os.X_OK):
         raise OutputError(f"output folder {paths.outdir} is not writable")
+
+
+@contextlib.contextmanager
+def exclusive(paths: OutputPaths) -> Iterator[None]:
+    """Hold the scene's output lock (an advisory ``flock`` on ``.<stem>.lock``, removed at the
+    end) while a run writes: a second run on the same outputs is refused at once instead of
+    racing the first (or deleting its files with ``--overwrite``). The system releases the
+    lock when the process ends, however it ends, so a killed run can be resumed.
+
+    Raises:
+        OutputError: another process holds the lock, or the folder is not usable.
+    """
+    make_folder(paths)
+    path = paths.outdir / f".{paths.stem}.lock"
+    while True:
+        lock = open(path, "a")  # noqa: SIM115  (closed below, after the run)
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.close()
+            raise OutputError(
+                f"another geoprn run is writing the outputs of '{paths.stem}' in "
+                f"{paths.outdir}; wait for it to end"
+            ) from None
+        with contextlib.suppress(FileNotFoundError):
+            if os.path.samestat(os.stat(path), os.fstat(lock.fileno())):
+                break
+        lock.close()  # a run that just ended removed the file we locked: lock the new one
+    try:
+        yield
+    finally:
+        path.unlink(missing_ok=True)
+        lock.close()
+
+
+def prepare(paths: OutputPaths, signature: dict[str, Any], overwrite: bool) -> bool:
+    """Make the output folder ready; return True when an unfinished run is being resumed.
+
+    Raises:
+        OutputError: the folder is not writable, or it holds outputs of a different command
+            (or outputs with no run state) and ``overwrite`` is false.
+    """
+    make_folder(paths)
     existing = [p for p in paths.outputs() if p.exists()]
     if overwrite:
         remove_outputs(paths)

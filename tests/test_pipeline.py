@@ -252,6 +252,31 @@ def test_killed_run_resumes_to_the_same_outputs(tmp_path, models):
     assert_same_outputs(out, tmp_path / "whole")
 
 
+def test_a_second_run_on_outputs_being_written_is_refused(tmp_path, models):
+    """While one process writes a scene's outputs, another run on them (the same command, or
+    one with overwrite) is refused at once and deletes nothing; the first ends intact."""
+    scene = write_raster(tmp_path / f"{STEM}.tif", massachusetts_pixels(1500, 1500))
+    out = tmp_path / "out"
+    options = {"base": models["base"], "prn": models["prn"], "block_size": 512, "device": "cpu"}
+    first = subprocess.Popen(
+        [sys.executable, "-m", "geoprn", "refine", str(scene), "-o", str(out)]
+        + ["--base", str(models["base"]), "--prn", str(models["prn"])]
+        + ["--block-size", "512", "--device", "cpu"],
+        stderr=subprocess.PIPE,
+    )
+    done = out / f".{STEM}.geoprn" / "done"
+    while first.poll() is None and not list(done.glob("*_*")):
+        time.sleep(0.02)
+    for overwrite in (False, True):
+        with pytest.raises(OutputError, match="another geoprn run is writing"):
+            refine(scene, out, **options, overwrite=overwrite)
+        assert done.is_dir()  # nothing of the first run's was removed
+    assert first.poll() is None, "the first run ended too soon for this test"
+    assert first.wait() == 0, first.stderr.read().decode()
+    record = json.loads((out / f"{STEM}_run.json").read_text())["blocks"]
+    assert record["computed"] == 9 and (out / f"{STEM}_mask.tif").is_file()
+
+
 def test_nodata_is_nan_masked_and_empty_blocks_are_skipped(tmp_path, models):
     pixels = massachusetts_pixels(900, 1100)
     pixels[:, :512, :512] = 0  # one whole block without data
