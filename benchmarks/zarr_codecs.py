@@ -27,12 +27,10 @@ from numcodecs import Blosc, Zstd
 from zarr.codecs import BloscCodec, ZstdCodec
 
 sys.path.insert(0, str(Path(__file__).parent))
-from prn_accuracy import split_tiles  # noqa: E402
+from prn_accuracy import add_probability_options, labelled_probabilities  # noqa: E402
 
 from geoprn import store  # noqa: E402
-from geoprn.data import load_tiles  # noqa: E402
-from geoprn.models.checkpoint import DEFAULT_BASE, read_header  # noqa: E402
-from geoprn.train import base_probabilities  # noqa: E402
+from geoprn.inference import resolve_device  # noqa: E402
 
 CANDIDATES = {
     2: {
@@ -50,17 +48,13 @@ CANDIDATES = {
 }
 
 
-def probabilities(split: str, tiles: int, cache: str) -> np.ndarray:
-    """The shipped base model's probabilities (NaN at nodata, as ``refine`` stores them) on
-    the ``tiles`` tiles of ``split`` with the most imagery, side by side; computed as
-    ``prn_accuracy.py`` does, in its cache."""
-    header = read_header(DEFAULT_BASE, "base")
-    labelled = load_tiles(
-        split_tiles("massachusetts", split), header["bands"], header.get("nodata")
-    )
-    labelled = sorted(labelled, key=lambda t: -t.valid.mean())[:tiles]
-    probs = base_probabilities(labelled, cache, DEFAULT_BASE, batch_size=1)
-    masked = [np.where(t.valid, p, np.nan) for p, t in zip(probs, labelled, strict=True)]
+def probabilities(args: argparse.Namespace) -> np.ndarray:
+    """The base model's probabilities (NaN at nodata, as ``refine`` stores them) on the
+    ``--tiles`` tiles of ``--split`` with the most imagery, side by side; computed as
+    ``prn_accuracy.py`` computes them, in its cache."""
+    tiles, probs = labelled_probabilities(args, [args.split])
+    kept = sorted(zip(tiles, probs, strict=True), key=lambda pair: -pair[0].valid.mean())
+    masked = [np.where(t.valid, p, np.nan) for t, p in kept[: args.tiles]]
     return np.concatenate(masked, axis=1).astype(np.float32)
 
 
@@ -70,17 +64,13 @@ def folder_bytes(path: Path) -> int:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--split", default="train", help="Massachusetts split to take tiles from")
-    parser.add_argument("--tiles", type=int, default=4, help="its tiles with the most imagery")
+    add_probability_options(parser, "train")
+    parser.add_argument("--tiles", type=int, default=4, help="the split's tiles with most imagery")
     parser.add_argument("--zarr-format", type=int, choices=(2, 3), default=2)
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument(
-        "--cache",
-        default=str(Path(tempfile.gettempdir()) / "geoprn-accuracy.zarr"),
-        help="prn_accuracy.py's cache of base probabilities",
-    )
     args = parser.parse_args()
-    values = probabilities(args.split, args.tiles, args.cache)
+    args.device = resolve_device(args.device)
+    values = probabilities(args)
     used = repr(store.compressor(args.zarr_format))
     print(
         f"{values.shape[0]}x{values.shape[1]} float32 probabilities ({values.nbytes / 2**20:.0f} "

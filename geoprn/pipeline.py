@@ -305,8 +305,8 @@ def process_block(job: RefineJob, block: Block) -> BlockResult:
         for values in probs.values():
             values[~valid] = np.nan
         step = sampling_step(job.scene.height, job.scene.width)
-        bands = shown_bands(job.bands, ds.count)
-        if image is None or len(job.bands) < len(bands):
+        bands = shown_bands(job.bands, ds.count)  # the models' first three when they read any
+        if image is None:
             image = ds.read(bands, window=(block.rows, block.cols))
         piece = sample_block(image[: len(bands)], block.rows, block.cols, valid, probs, step)
     save_piece(job.paths.pieces, block.key, piece)  # before the block's done marker

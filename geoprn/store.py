@@ -97,20 +97,6 @@ class OutputPaths:
         return [self.zarr, self.mask, self.quicklook, self.roads, self.run_json, self.state]
 
 
-def make_folder(paths: OutputPaths) -> None:
-    """Create the output folder if needed.
-
-    Raises:
-        OutputError: it cannot be created, or it is not writable.
-    """
-    try:
-        paths.outdir.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise OutputError(f"cannot create output folder {paths.outdir}: {exc.strerror}") from None
-    if not os.access(paths.outdir, os.W_OK | os.X_OK):
-        raise OutputError(f"output folder {paths.outdir} is not writable")
-
-
 @contextlib.contextmanager
 def exclusive(paths: OutputPaths) -> Iterator[None]:
     """Hold the scene's output lock (an advisory ``flock`` on ``.<stem>.lock``, removed at the
@@ -119,9 +105,15 @@ def exclusive(paths: OutputPaths) -> Iterator[None]:
     lock when the process ends, however it ends, so a killed run can be resumed.
 
     Raises:
-        OutputError: another process holds the lock, or the folder is not usable.
+        OutputError: another process holds the lock, or the folder cannot be created or
+            written to.
     """
-    make_folder(paths)
+    try:
+        paths.outdir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputError(f"cannot create output folder {paths.outdir}: {exc.strerror}") from None
+    if not os.access(paths.outdir, os.W_OK | os.X_OK):
+        raise OutputError(f"output folder {paths.outdir} is not writable")
     path = paths.outdir / f".{paths.stem}.lock"
     while True:
         lock = open(path, "a")  # noqa: SIM115  (closed below, after the run)
@@ -145,13 +137,13 @@ def exclusive(paths: OutputPaths) -> Iterator[None]:
 
 
 def prepare(paths: OutputPaths, signature: dict[str, Any], overwrite: bool) -> bool:
-    """Make the output folder ready; return True when an unfinished run is being resumed.
+    """Make the output folder (made and locked by :func:`exclusive`) ready for this run;
+    return True when an unfinished run is being resumed.
 
     Raises:
-        OutputError: the folder is not writable, or it holds outputs of a different command
-            (or outputs with no run state) and ``overwrite`` is false.
+        OutputError: it holds outputs of a different command (or outputs with no run state)
+            and ``overwrite`` is false.
     """
-    make_folder(paths)
     existing = [p for p in paths.outputs() if p.exists()]
     if overwrite:
         remove_outputs(paths)

@@ -258,12 +258,14 @@ def test_a_second_run_on_outputs_being_written_is_refused(tmp_path, models):
     scene = write_raster(tmp_path / f"{STEM}.tif", massachusetts_pixels(1500, 1500))
     out = tmp_path / "out"
     options = {"base": models["base"], "prn": models["prn"], "block_size": 512, "device": "cpu"}
-    first = subprocess.Popen(
-        [sys.executable, "-m", "geoprn", "refine", str(scene), "-o", str(out)]
-        + ["--base", str(models["base"]), "--prn", str(models["prn"])]
-        + ["--block-size", "512", "--device", "cpu"],
-        stderr=subprocess.PIPE,
-    )
+    log = tmp_path / "first.log"  # a file, not a pipe: a full pipe would stall the first run
+    with log.open("w") as err:  # the child keeps its own copy of the file
+        first = subprocess.Popen(
+            [sys.executable, "-m", "geoprn", "refine", str(scene), "-o", str(out)]
+            + ["--base", str(models["base"]), "--prn", str(models["prn"])]
+            + ["--block-size", "512", "--device", "cpu"],
+            stderr=err,
+        )
     done = out / f".{STEM}.geoprn" / "done"
     while first.poll() is None and not list(done.glob("*_*")):
         time.sleep(0.02)
@@ -272,7 +274,7 @@ def test_a_second_run_on_outputs_being_written_is_refused(tmp_path, models):
             refine(scene, out, **options, overwrite=overwrite)
         assert done.is_dir()  # nothing of the first run's was removed
     assert first.poll() is None, "the first run ended too soon for this test"
-    assert first.wait() == 0, first.stderr.read().decode()
+    assert first.wait(timeout=300) == 0, log.read_text()
     record = json.loads((out / f"{STEM}_run.json").read_text())["blocks"]
     assert record["computed"] == 9 and (out / f"{STEM}_mask.tif").is_file()
 
