@@ -16,14 +16,18 @@ if TYPE_CHECKING:
 
 @contextlib.contextmanager
 def connect(scheduler: str | None) -> Iterator[Client | None]:
-    """A client of the ``distributed`` scheduler at ``scheduler``; None for the local one."""
+    """A client of the ``distributed`` scheduler at ``scheduler``; None for the local one.
+
+    Not made dask's default: callers hand it their work, and runs at once in one process
+    (each with its own client) would otherwise leave dask's default scheduler pointing at a
+    closed client for unrelated ``dask.compute`` calls."""
     if scheduler is None:
         yield None
         return
     from distributed import Client
 
     try:
-        client = Client(scheduler, timeout="5s")
+        client = Client(scheduler, timeout="5s", set_as_default=False)  # callers pass it
     except (OSError, TimeoutError, ValueError) as exc:
         raise SchedulerError(f"cannot reach the Dask scheduler at {scheduler}: {exc}") from None
     with client:
@@ -46,6 +50,6 @@ def process_cluster(scheduler: str | None, workers: int) -> Iterator[Client]:
         LocalCluster(
             n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None
         ) as cluster,
-        Client(cluster) as client,
+        Client(cluster, set_as_default=False) as client,
     ):
         yield client

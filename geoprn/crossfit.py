@@ -91,7 +91,7 @@ def crossfit_probabilities(
         from distributed import as_completed
 
         with process_cluster(scheduler, fold_workers) as client:
-            for future in as_completed(client.map(train, todo, pure=False)):
+            for future in as_completed(client.map(train, todo, pure=False), loop=client.loop):
                 k = future.result()
                 log.info("fold %d/%d done", k + 1, folds)
                 if progress is not None:

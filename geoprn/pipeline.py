@@ -389,7 +389,7 @@ def run_blocks(
             )
             tasks.append(previous)
     results = []
-    for future in as_completed(client.compute(tasks)):
+    for future in as_completed(client.compute(tasks), loop=client.loop):
         results.append(future.result())
         report(results[-1])
     return results

@@ -181,6 +181,9 @@ def test_two_runs_at_once_on_one_cluster_keep_their_own_blocks(mass_scene, model
         ]
         for run in runs:
             assert run.result().blocks["computed"] == 6
+    import dask
+
+    assert dask.config.get("scheduler", None) is None  # no closed client left as the default
     for stem in scenes:
         local, shared = tmp_path / "local" / stem, tmp_path / "cluster" / stem
         np.testing.assert_array_equal(read(local, "base", stem), read(shared, "base", stem))
