@@ -292,8 +292,7 @@ def process_block(job: RefineJob, block: Block) -> BlockResult:
     with open_raster(job.scene.path) as ds:
         _, valid = read_region(ds, None, block.rows, block.cols)
         if not valid.any():
-            store.mark_done(job.paths, block, "skipped")
-            return BlockResult(block.key, "skipped")
+            return _finished(job, block, BlockResult(block.key, "skipped"))
         grid = job.grid
         if grid.resampled:  # the image read was on the work grid: not the scene's pixels
             support = grid.support(block.rows), grid.support(block.cols)
@@ -311,7 +310,14 @@ def process_block(job: RefineJob, block: Block) -> BlockResult:
         piece = sample_block(image[: len(bands)], block.rows, block.cols, valid, probs, step)
     save_piece(job.paths.pieces, block.key, piece)  # before the block's done marker
     store.write_block(job.paths, block, probs)
-    return BlockResult(block.key, "computed", windows, time.perf_counter() - started)
+    seconds = time.perf_counter() - started
+    return _finished(job, block, BlockResult(block.key, "computed", windows, seconds))
+
+
+def _finished(job: RefineJob, block: Block, result: BlockResult) -> BlockResult:
+    """Mark ``block`` done in the store, recording ``result``."""
+    store.mark_done(job.paths, block, asdict(result))
+    return result
 
 
 class _BlockProgress(Callback):
@@ -353,8 +359,13 @@ twice). More runs than threads let a thread whose run was mostly nodata take ano
 
 def _after(previous: BlockResult | None, job: RefineJob, block: Block) -> BlockResult:
     """:func:`process_block`, run once ``previous`` (the block before it in its run) is done:
-    the scheduler places it where ``previous`` ran."""
-    return process_block(job, block)
+    the scheduler places it where ``previous`` ran.
+
+    A block already done returns what it recorded: when a worker dies, the scheduler
+    recomputes the results it held, back along the run, and those blocks are in the store.
+    """
+    recorded = store.done_result(job.paths, block)
+    return BlockResult(**recorded) if recorded else process_block(job, block)
 
 
 def run_blocks(

@@ -7,8 +7,9 @@ Layout of ``OUTDIR`` for a scene ``<stem>``::
     <stem>_quicklook.png the scene beside its base and refined probabilities
     <stem>_roads.gpkg    road centrelines (``refine --vectors``)
     <stem>_run.json      what ran, on what, how long
-    .<stem>.geoprn/      run state: signature.json, done/<row>_<col> markers and the
-                         blocks' quicklook pieces, quicklook/<row>_<col>.npz
+    .<stem>.geoprn/      run state: signature.json, done/<row>_<col> markers (each block
+                         task's result, JSON) and the blocks' quicklook pieces,
+                         quicklook/<row>_<col>.npz
     .<stem>.lock         exists, locked, while a run writes these outputs
 
 A block's marker is written only after its data is in the store, so a run killed at any point
@@ -213,18 +214,18 @@ def create(
 
 
 def write_block(paths: OutputPaths, block: Block, arrays: dict[str, np.ndarray]) -> None:
-    """Write one block's arrays into the store, then mark the block done."""
+    """Write one block's arrays into the store (:func:`mark_done` records it finished)."""
     rows, cols = slice(*block.rows), slice(*block.cols)
     for name, values in arrays.items():
         zarr.open_array(paths.zarr / name, mode="r+")[rows, cols] = values
-    mark_done(paths, block, "computed")
 
 
-def mark_done(paths: OutputPaths, block: Block, how: str) -> None:
-    """Record that a block is finished (``computed`` or ``skipped``), atomically."""
+def mark_done(paths: OutputPaths, block: Block, result: dict[str, Any]) -> None:
+    """Record that a block is finished, with what its task returned (``status``: computed or
+    skipped), atomically."""
     marker = paths.done / block.key
     tmp = marker.with_suffix(".tmp")
-    tmp.write_text(how)
+    tmp.write_text(json.dumps(result))
     tmp.replace(marker)
 
 
@@ -233,6 +234,19 @@ def finished_blocks(paths: OutputPaths) -> set[str]:
     if not paths.done.is_dir():
         return set()
     return {p.name for p in paths.done.iterdir() if not p.name.endswith(".tmp")}
+
+
+def done_result(paths: OutputPaths, block: Block) -> dict[str, Any] | None:
+    """What a finished block's task returned (as :func:`mark_done` recorded it), or None when
+    the block is not done."""
+    try:
+        text = (paths.done / block.key).read_text()
+    except FileNotFoundError:
+        return None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:  # a marker of an earlier version: its status only
+        return {"key": block.key, "status": text}
 
 
 def open_variable(paths: OutputPaths, name: str) -> zarr.Array:

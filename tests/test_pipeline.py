@@ -190,6 +190,46 @@ def test_two_runs_at_once_on_one_cluster_keep_their_own_blocks(mass_scene, model
         np.testing.assert_array_equal(mask(local, stem), mask(shared, stem))
 
 
+def test_a_worker_lost_mid_run_recomputes_no_finished_block(tmp_path, models):
+    """A worker process killed mid-run (a lost node): the scheduler recomputes the results it
+    held, back along its run of blocks, but blocks already in the store are not computed again
+    (their markers stay as written), and the outputs equal a local run's."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from distributed import LocalCluster
+
+    scene = write_raster(tmp_path / f"{STEM}.tif", massachusetts_pixels(1500, 1500))
+    options = {"base": models["base"], "prn": models["prn"], "block_size": 512, "device": "cpu"}
+    refine(scene, tmp_path / "local", **options)
+    out = tmp_path / "cluster"
+    done = out / f".{STEM}.geoprn" / "done"
+
+    def markers() -> list[Path]:
+        return [marker for marker in done.glob("*_*") if marker.suffix != ".tmp"]
+
+    with (
+        LocalCluster(
+            n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None
+        ) as cluster,
+        ThreadPoolExecutor(1) as pool,
+    ):
+        run = pool.submit(refine, scene, out, **options, scheduler=cluster.scheduler_address)
+        by_worker: dict[str, list[str]] = {}
+        while not run.done() and max(map(len, by_worker.values()), default=0) < 2:
+            time.sleep(0.02)
+            by_worker.clear()
+            for marker in markers():
+                by_worker.setdefault(json.loads(marker.read_text())["worker"], []).append(marker)
+        victim = max(by_worker, key=lambda w: len(by_worker[w]))
+        os.kill(int(victim.rsplit(":", 1)[1]), signal.SIGKILL)
+        before = {marker.name: marker.stat().st_ino for marker in markers()}
+        record = run.result()
+    assert len(by_worker[victim]) >= 2 and len(before) < 9, "a worker must die mid-run"
+    assert record.blocks["computed"] == 9
+    assert {m.name: m.stat().st_ino for m in markers() if m.name in before} == before
+    assert_same_outputs(tmp_path / "local", out)
+
+
 def test_blocks_in_flight_are_a_workers_threads():
     """--batch-size auto on a GPU sizes batches for the blocks a process runs at once: the
     local scheduler's threads, or a distributed worker's."""
