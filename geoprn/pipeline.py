@@ -2,8 +2,9 @@
 
 Each block task reads its pixels plus the halo its windows need, runs the stages (base model,
 then the refiner) window batch by window batch, blends overlapping windows with fixed weights,
-crops to its own pixels and writes them into the Zarr store. Nothing holds the whole scene.
-When every block is done, the mask COG is streamed from the store.
+crops to its own pixels and writes them into the Zarr store, and its pieces of the mask and
+the quicklook beside it. Nothing holds the whole scene. When every block is done, the mask
+COG and the quicklook are assembled from the pieces.
 """
 
 from __future__ import annotations
@@ -58,6 +59,7 @@ from geoprn.raster import (
     open_scene,
     read_region,
     write_mask_cog,
+    write_mask_piece,
 )
 from geoprn.tiling import (
     DEFAULT_BLOCK_SIZE,
@@ -111,6 +113,8 @@ class RefineJob:
     compile: bool = False
     threads: int = 1
     """Blocks in flight on the local scheduler (a ``distributed`` worker counts its own)."""
+    threshold: float = 0.5
+    """Probability above which a pixel is road in the mask."""
 
     @property
     def stages(self) -> list[tuple[str, list[ModelRef]]]:
@@ -308,7 +312,8 @@ def process_block(job: RefineJob, block: Block) -> BlockResult:
         if image is None:
             image = ds.read(bands, window=(block.rows, block.cols))
         piece = sample_block(image[: len(bands)], block.rows, block.cols, valid, probs, step)
-    save_piece(job.paths.pieces, block.key, piece)  # before the block's done marker
+    save_piece(job.paths.quicklook_pieces, block.key, piece)  # before the block's done marker
+    write_mask_piece(job.paths.mask_piece(block), probs[job.variables[-1]], job.threshold)
     store.write_block(job.paths, block, probs)
     seconds = time.perf_counter() - started
     return _finished(job, block, BlockResult(block.key, "computed", windows, seconds))
@@ -490,6 +495,7 @@ def refine(
         overlap,
         resample,
         compile,
+        threshold,
     )
     if job.grid.resampled:
         log.info("models run at %.3g x the scene's pixel size", job.grid.factor)
@@ -497,7 +503,7 @@ def refine(
         raise InputError("--zarr-format must be 2 or 3")
     if vectors and info.crs is None:
         raise InputError(f"{info.path} has no CRS; road vectors need one (drop --vectors)")
-    signature = _signature(job, threshold, zarr_format)
+    signature = _signature(job, zarr_format)
     # the scheduler first (a dead address changes nothing), then the outputs, held to the end
     with connect(scheduler) as client, store.exclusive(job.paths):
         resumed = store.prepare(job.paths, signature, overwrite)
@@ -528,15 +534,15 @@ def refine(
             raise InputError(f"{info.path} has no valid pixels: every block is nodata")
         blocks_seconds = time.perf_counter() - started
 
-        refined = store.open_variable(job.paths, job.variables[-1])
-        with ThreadPoolExecutor(2) as pool:  # side by side: the quicklook only assembles pieces
+        pieces = _mask_pieces(job, blocks)
+        with ThreadPoolExecutor(2) as pool:  # side by side: both only assemble pieces
             written = [
-                pool.submit(write_mask_cog, refined, info, job.paths.mask, threshold),
+                pool.submit(write_mask_cog, pieces, info, job.paths.mask),
                 pool.submit(
                     write_quicklook,
                     info.height,
                     info.width,
-                    job.paths.pieces,
+                    job.paths.quicklook_pieces,
                     job.variables,
                     job.paths.quicklook,
                 ),
@@ -573,6 +579,24 @@ def refine(
     return record
 
 
+def _mask_pieces(job: RefineJob, blocks: list[Block]) -> list[tuple[Path, Range, Range]]:
+    """The pieces of the mask of every block computed, each with the rows and columns it
+    covers. A computed block without one (a run of an earlier version being resumed) gets
+    it from the store."""
+    pieces = []
+    for block in blocks:
+        path = job.paths.mask_piece(block)
+        if not path.is_file():
+            if (store.done_result(job.paths, block) or {}).get("status") != "computed":
+                continue  # no valid pixel: the mask's nodata
+            values = store.open_variable(job.paths, job.variables[-1])[
+                slice(*block.rows), slice(*block.cols)
+            ]
+            write_mask_piece(path, values, job.threshold)
+        pieces.append((path, block.rows, block.cols))
+    return pieces
+
+
 def _plan(
     info: SceneInfo,
     outdir: Path,
@@ -590,6 +614,7 @@ def _plan(
     overlap: int,
     resample: str,
     compile: bool = False,
+    threshold: float = 0.5,
 ) -> RefineJob:
     """Check the models, bands and options against the scene; build the job."""
     base_ref = None
@@ -650,6 +675,7 @@ def _plan(
         precision,
         block_size,
         compile,
+        threshold=threshold,
     )
 
 
@@ -694,7 +720,7 @@ def _check_probabilities(path: Path, info: SceneInfo) -> None:
         raise InputError(f"{path} has {other.count} bands; a probability raster has one")
 
 
-def _signature(job: RefineJob, threshold: float, zarr_format: int) -> dict:
+def _signature(job: RefineJob, zarr_format: int) -> dict:
     """What makes two runs the same command: everything that changes the outputs."""
     scene = Path(job.scene.path)
     stat = scene.stat()
@@ -710,7 +736,7 @@ def _signature(job: RefineJob, threshold: float, zarr_format: int) -> dict:
         "tile": job.tile,
         "overlap": job.overlap,
         "block_size": job.block_size,
-        "threshold": threshold,
+        "threshold": job.threshold,
         "zarr_format": zarr_format,
         "resample_factor": job.grid.factor,
         "precision": job.precision,

@@ -8,7 +8,7 @@ import math
 import os
 import warnings
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -231,58 +231,85 @@ def read_region(
     return data, valid
 
 
-def read_ahead(read: Callable[[int], np.ndarray], starts: range, ahead: int = 4) -> Iterator:
-    """``read(start)`` for each start, in order, with up to ``ahead`` reads running in
-    threads ahead of the consumer: decompression overlaps writing, memory stays bounded."""
+def read_ahead(read: Callable[[Any], np.ndarray], items: Iterable, ahead: int = 4) -> Iterator:
+    """``read(item)`` for each item, in order, with up to ``ahead`` reads running in threads
+    ahead of the consumer: decompression overlaps writing, memory stays bounded."""
     with ThreadPoolExecutor(ahead) as pool:
         pending: deque[Future] = deque()
-        for start in starts:
-            pending.append(pool.submit(read, start))
+        for item in items:
+            pending.append(pool.submit(read, item))
             if len(pending) > ahead:
                 yield pending.popleft().result()
         while pending:
             yield pending.popleft().result()
 
 
-def write_mask_cog(
-    probabilities, scene: SceneInfo, path: Path, threshold: float, chunk: int = 512
-) -> None:
-    """Threshold a (H, W) probability array (NaN = nodata) into a uint8 COG, streamed by rows.
+MASK_NODATA = 255
 
-    ``probabilities`` is anything sliceable with ``[rows, cols]`` (a Zarr array). The mask is
-    1 for road, 0 for background and 255 (declared nodata) where the scene has no data. It is
-    written to a temporary GeoTIFF strip by strip, then copied into a COG with overviews, and
-    moved into place only when complete.
-    """
-    tmp = path.with_name(path.name + ".part.tif")
-    profile = {
+
+def road_mask(probabilities: np.ndarray, threshold: float) -> np.ndarray:
+    """(H, W) probabilities (NaN = nodata) as the uint8 mask: 1 road, 0 background, 255 nodata."""
+    mask = (probabilities > threshold).view(np.uint8)  # no int64 temporary, as np.where makes
+    mask[np.isnan(probabilities)] = MASK_NODATA
+    return mask
+
+
+def _mask_profile(height: int, width: int, chunk: int = 512) -> dict[str, Any]:
+    """A tiled uint8 GeoTIFF for mask pixels that are written once and read once: PackBits is
+    the fastest GDAL codec to write and read, and the COG compresses them again."""
+    return {
         "driver": "GTiff",
-        "width": scene.width,
-        "height": scene.height,
+        "width": width,
+        "height": height,
         "count": 1,
         "dtype": "uint8",
-        "nodata": 255,
-        "crs": scene.crs,
-        "transform": scene.transform,
+        "nodata": MASK_NODATA,  # blocks never written read as nodata
         "tiled": True,
         "blockxsize": chunk,
         "blockysize": chunk,
-        "compress": "deflate",
-        "num_threads": GDAL_THREADS,
+        "compress": "packbits",
     }
 
-    def mask_strip(y0: int) -> np.ndarray:
-        strip = np.asarray(probabilities[y0 : y0 + chunk, :])
-        mask = (strip > threshold).view(np.uint8)  # no int64 temporary, as np.where makes
-        mask[np.isnan(strip)] = 255
-        return mask
 
-    starts = range(0, scene.height, chunk)
+def write_mask_piece(path: Path, probabilities: np.ndarray, threshold: float) -> None:
+    """Write a block's part of the mask (:func:`road_mask` of its probabilities) as
+    ``path``, complete or not at all; :func:`write_mask_cog` assembles the pieces."""
+    mask = road_mask(probabilities, threshold)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".part")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", NotGeoreferencedWarning)
+        with rasterio.open(tmp, "w", **_mask_profile(*mask.shape)) as dst:
+            dst.write(mask, 1)
+    tmp.replace(path)
+
+
+def write_mask_cog(
+    pieces: list[tuple[Path, Range, Range]], scene: SceneInfo, path: Path, chunk: int = 512
+) -> None:
+    """Assemble the uint8 mask COG from the blocks' pieces (:func:`write_mask_piece`).
+
+    Each piece is a file and the rows and columns of the scene it covers; pixels no piece
+    covers are nodata (255). The pieces are copied into a temporary GeoTIFF, which is then
+    copied into a COG with overviews and moved into place only when complete.
+    """
+    tmp = path.with_name(path.name + ".part.tif")
+    profile = {
+        **_mask_profile(scene.height, scene.width, chunk),
+        "crs": scene.crs,
+        "transform": scene.transform,
+    }
+
+    def read_piece(piece: Path) -> np.ndarray:
+        with rasterio.open(piece) as src:
+            return src.read(1)
+
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", NotGeoreferencedWarning)
         with rasterio.open(tmp, "w", **profile) as dst:
-            for y0, mask in zip(starts, read_ahead(mask_strip, starts), strict=True):
-                dst.write(mask, 1, window=Window(0, y0, scene.width, mask.shape[0]))
+            files = [file for file, _, _ in pieces]
+            for (_, rows, cols), mask in zip(pieces, read_ahead(read_piece, files), strict=True):
+                dst.write(mask, 1, window=Window(cols[0], rows[0], *mask.shape[::-1]))
         final = path.with_name(path.name + ".part")
         rasterio.shutil.copy(
             tmp,

@@ -8,11 +8,11 @@ Layout of ``OUTDIR`` for a scene ``<stem>``::
     <stem>_roads.gpkg    road centrelines (``refine --vectors``)
     <stem>_run.json      what ran, on what, how long
     .<stem>.geoprn/      run state: signature.json, done/<row>_<col> markers (each block
-                         task's result, JSON) and the blocks' quicklook pieces,
-                         quicklook/<row>_<col>.npz
+                         task's result, JSON) and the blocks' pieces of the mask and the
+                         quicklook, mask/<row>_<col>.tif and quicklook/<row>_<col>.npz
     .<stem>.lock         exists, locked, while a run writes these outputs
 
-A block's marker is written only after its data is in the store, so a run killed at any point
+A block's marker is written only after its data and pieces are written, so a run killed at any point
 resumes by computing the blocks without a marker. A different command on the same outputs
 is refused unless the caller asks to overwrite, and so is any run while another one writes them.
 """
@@ -89,9 +89,13 @@ class OutputPaths:
         return self.state / "done"
 
     @property
-    def pieces(self) -> Path:
+    def quicklook_pieces(self) -> Path:
         """The blocks' pieces of the quicklook (see :mod:`geoprn.quicklook`)."""
         return self.state / "quicklook"
+
+    def mask_piece(self, block: Block) -> Path:
+        """A block's piece of the mask (see :func:`geoprn.raster.write_mask_piece`)."""
+        return self.state / "mask" / f"{block.key}.tif"
 
     def outputs(self) -> list[Path]:
         """Every path this scene's run writes."""

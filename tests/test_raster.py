@@ -5,7 +5,14 @@ import pytest
 import rasterio
 
 from geoprn.errors import InputError
-from geoprn.raster import mirrored, open_scene, read_region, reflect_index, write_mask_cog
+from geoprn.raster import (
+    mirrored,
+    open_scene,
+    read_region,
+    reflect_index,
+    write_mask_cog,
+    write_mask_piece,
+)
 from tests.conftest import SAMPLE_SCENE, massachusetts_pixels, write_raster
 
 
@@ -81,17 +88,26 @@ def test_scene_without_crs_warns(tmp_path):
     assert info.crs is None
 
 
-def test_mask_cog_is_aligned_tiled_with_overviews(tmp_path, mass_scene):
-    info = open_scene(mass_scene)
+def test_mask_cog_is_assembled_aligned_tiled_with_overviews(tmp_path, mass_scene):
+    """Blocks write their pieces of the mask; the COG puts them in place, and pixels no piece
+    covers (blocks without valid pixels) are nodata."""
+    info = open_scene(mass_scene)  # 900 x 1100
     probs = np.random.default_rng(0).random(info.shape, dtype=np.float32)
     probs[:100, :100] = np.nan
+    blocks = [((0, 512), (0, 512)), ((0, 512), (512, 1100)), ((512, 900), (512, 1100))]
+    pieces = []
+    for i, (rows, cols) in enumerate(blocks):
+        pieces.append((tmp_path / "pieces" / f"{i}.tif", rows, cols))
+        write_mask_piece(pieces[-1][0], probs[slice(*rows), slice(*cols)], threshold=0.5)
     out = tmp_path / "mask.tif"
-    write_mask_cog(probs, info, out, threshold=0.5)
+    write_mask_cog(pieces, info, out)
     with rasterio.open(out) as ds, rasterio.open(mass_scene) as src:
         assert ds.tags(ns="IMAGE_STRUCTURE")["LAYOUT"] == "COG"
         assert (ds.crs, ds.transform, ds.shape) == (src.crs, src.transform, src.shape)
         assert ds.nodata == 255 and ds.dtypes[0] == "uint8" and ds.overviews(1)
         mask = ds.read(1)
-    assert np.all(mask[:100, :100] == 255)
-    np.testing.assert_array_equal(mask[100:, 100:], probs[100:, 100:] > 0.5)
-    assert not list(tmp_path.glob("*.part*"))
+    expected = (probs > 0.5).astype(np.uint8)
+    expected[:100, :100] = 255
+    expected[512:, :512] = 255  # no piece
+    np.testing.assert_array_equal(mask, expected)
+    assert not list(tmp_path.glob("*.part*")) and not list(tmp_path.glob("pieces/*.part"))
