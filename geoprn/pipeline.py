@@ -158,35 +158,34 @@ def _read_probabilities(ds: rasterio.DatasetReader, rows: Range, cols: Range) ->
     return np.nan_to_num(data.astype(np.float32) / scale, nan=0.0)
 
 
-def predict_stages(
-    job: RefineJob, rows: Range, cols: Range
-) -> tuple[dict[str, np.ndarray], int, np.ndarray | None]:
+@dataclass
+class Prediction:
+    """What :func:`predict_stages` gives for a region."""
+
+    probabilities: dict[str, np.ndarray]
+    """Variable name -> (H, W) float32 probabilities, 0 at nodata."""
+    windows: int
+    """Windows run, all stages."""
+    image: np.ndarray | None
+    """The image bands read for the models, (C, H, W) (a view of the halo read), or None when
+    none were read (``--probs`` without BPR)."""
+    valid: np.ndarray
+    """(H, W) bool, False at nodata."""
+
+
+def predict_stages(job: RefineJob, rows: Range, cols: Range) -> Prediction:
     """Every stage's probabilities over work-grid pixels ``rows`` x ``cols``.
 
     Each stage runs the windows touching the region the next stage needs (its halo), so the
-    region's values are those of the scene-wide blend, whatever the region.
-
-    Returns:
-        Variable name -> (H, W) float32 probabilities (0 at nodata); the windows run; and the
-        image bands read for the models, (C, H, W) over ``rows`` x ``cols`` (a view of the
-        halo read), or None when no image was read (``--probs`` without BPR).
+    region's values are those of the scene-wide blend, whatever the region. A region without
+    a valid pixel runs no model (its probabilities are 0).
     """
-    device = resolve_device(job.device)
-    batch_size = job.batch_size or auto_batch_size(device, blocks_in_flight(job.threads))
-    models = [stage_model(refs, str(device), job.compile) for _, refs in job.stages]
-    if job.compile:  # before this thread does any other torch work
-        for (name, _), model in zip(job.stages, models, strict=True):
-            if not isinstance(model, BoundaryRefiner):
-                channels = len(job.bands) if name == "base" else 1
-                shape = (batch_size, channels, job.tile, job.tile)
-                warm_up(model, shape, device, job.precision)
     grid = job.grid
     origins = (
         window_origins(grid.height, job.tile, job.overlap),
         window_origins(grid.width, job.tile, job.overlap),
     )
     regions = stage_regions(origins, rows, cols, job.tile, len(job.stages))
-    shared = shared_windows(job, origins)
     with grid.open(job.scene.path) as ds:
         image_bands = job.bands if job.probs is None or job.bpr is not None else None
         image, valid = read_region(ds, image_bands, *regions[0])
@@ -196,6 +195,22 @@ def predict_stages(
                 source = _read_probabilities(probs, *regions[0])
 
     (ry0, _), (rx0, _) = regions[0]
+    (y0, y1), (x0, x1) = rows, cols
+    own = np.s_[y0 - ry0 : y1 - ry0, x0 - rx0 : x1 - rx0]  # the region in the halo read
+    own_image = None if image is None else image[(slice(None), *own)]
+    if not valid[own].any():
+        zeros = {name: np.zeros((y1 - y0, x1 - x0), np.float32) for name in job.variables}
+        return Prediction(zeros, 0, own_image, valid[own])
+    device = resolve_device(job.device)
+    batch_size = job.batch_size or auto_batch_size(device, blocks_in_flight(job.threads))
+    models = [stage_model(refs, str(device), job.compile) for _, refs in job.stages]
+    if job.compile:  # before this thread does any other torch work
+        for (name, _), model in zip(job.stages, models, strict=True):
+            if not isinstance(model, BoundaryRefiner):
+                channels = len(job.bands) if name == "base" else 1
+                shape = (batch_size, channels, job.tile, job.tile)
+                warm_up(model, shape, device, job.precision)
+    shared = shared_windows(job, origins)
     # each output: (probabilities on the device, top-left work-grid coordinate of the array);
     # they stay on the device from stage to stage, only the block's own pixels come back
     outputs: dict[str, tuple[torch.Tensor, tuple[int, int]]] = {}
@@ -231,13 +246,11 @@ def predict_stages(
         probs[invalid[oy0 - ry0 : oy1 - ry0, ox0 - rx0 : ox1 - rx0]] = 0.0
         outputs[name] = probs, (oy0, ox0)
         source = probs[None]
-    (y0, y1), (x0, x1) = rows, cols
     cropped = {
         name: probs[y0 - oy : y1 - oy, x0 - ox : x1 - ox].cpu().numpy()
         for name, (probs, (oy, ox)) in outputs.items()
     }
-    own = None if image is None else image[:, y0 - ry0 : y1 - ry0, x0 - rx0 : x1 - rx0]
-    return cropped, windows, own
+    return Prediction(cropped, windows, own_image, valid[own])
 
 
 def window_cache_bytes() -> int:
@@ -290,28 +303,33 @@ def stage_model(refs: list[ModelRef], device: str, compiled: bool = False) -> to
 
 
 def process_block(job: RefineJob, block: Block) -> BlockResult:
-    """Compute one block, write it to the store and its piece of the quicklook (runs on a
-    Dask worker)."""
+    """Compute one block, write it to the store and its pieces of the mask and the quicklook
+    (runs on a Dask worker)."""
     started = time.perf_counter()
-    with open_raster(job.scene.path) as ds:
-        _, valid = read_region(ds, None, block.rows, block.cols)
+    grid = job.grid
+    if grid.resampled:  # the models see the work grid; nodata is the scene's own pixels'
+        with open_raster(job.scene.path) as ds:
+            _, valid = read_region(ds, None, block.rows, block.cols)
         if not valid.any():
             return _finished(job, block, BlockResult(block.key, "skipped"))
-        grid = job.grid
-        if grid.resampled:  # the image read was on the work grid: not the scene's pixels
-            support = grid.support(block.rows), grid.support(block.cols)
-            work, windows, _ = predict_stages(job, *support)
-            probs = {name: grid.to_scene(v, block.rows, block.cols) for name, v in work.items()}
-            image = None
-        else:
-            probs, windows, image = predict_stages(job, block.rows, block.cols)
-        for values in probs.values():
-            values[~valid] = np.nan
-        step = sampling_step(job.scene.height, job.scene.width)
-        bands = shown_bands(job.bands, ds.count)  # the models' first three when they read any
-        if image is None:
+        support = grid.support(block.rows), grid.support(block.cols)
+        work = predict_stages(job, *support)
+        probs = {n: grid.to_scene(v, block.rows, block.cols) for n, v in work.probabilities.items()}
+        windows, image = work.windows, None
+    else:  # validity comes with the models' read
+        prediction = predict_stages(job, block.rows, block.cols)
+        valid = prediction.valid
+        if not valid.any():
+            return _finished(job, block, BlockResult(block.key, "skipped"))
+        probs, windows, image = prediction.probabilities, prediction.windows, prediction.image
+    for values in probs.values():
+        values[~valid] = np.nan
+    step = sampling_step(job.scene.height, job.scene.width)
+    bands = shown_bands(job.bands, job.scene.count)  # the models' first three when they read any
+    if image is None:
+        with open_raster(job.scene.path) as ds:
             image = ds.read(bands, window=(block.rows, block.cols))
-        piece = sample_block(image[: len(bands)], block.rows, block.cols, valid, probs, step)
+    piece = sample_block(image[: len(bands)], block.rows, block.cols, valid, probs, step)
     save_piece(job.paths.quicklook_pieces, block.key, piece)  # before the block's done marker
     write_mask_piece(job.paths.mask_piece(block), probs[job.variables[-1]], job.threshold)
     store.write_block(job.paths, block, probs)
