@@ -67,9 +67,16 @@ def add_probability_options(parser: argparse.ArgumentParser, split: str) -> None
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument(
         "--cache",
-        default=str(Path(tempfile.gettempdir()) / "geoprn-accuracy.zarr"),
-        help="Zarr cache of the base and PRN probabilities (reused by later runs)",
+        help="Zarr cache of the base and PRN probabilities, reused by later runs (default: "
+        "geoprn-accuracy-<base hash>.zarr in the temporary folder: one per base model)",
     )
+
+
+def cache_path(args: argparse.Namespace) -> str:
+    """``--cache``, or the default cache of ``--base``: a cache holds one base model's
+    probabilities, so another base gets its own instead of replacing it."""
+    tag = file_sha256(args.base)[:12]
+    return args.cache or str(Path(tempfile.gettempdir()) / f"geoprn-accuracy-{tag}.zarr")
 
 
 def labelled_probabilities(args: argparse.Namespace, splits: list[str]):
@@ -78,7 +85,7 @@ def labelled_probabilities(args: argparse.Namespace, splits: list[str]):
     pairs = [p for split in splits for p in split_tiles(args.dataset, split)]
     tiles = load_tiles(pairs, header["bands"], header.get("nodata"))
     probs = base_probabilities(
-        tiles, args.cache, args.base, None, args.batch_size, args.device, args.precision
+        tiles, cache_path(args), args.base, None, args.batch_size, args.device, args.precision
     )
     return tiles, probs
 
@@ -149,7 +156,7 @@ def main() -> None:
     }
     for prn_path in prns:
         refined = refined_probabilities(
-            probs, names, args.cache, prn_path, args.batch_size, device, args.precision
+            probs, names, cache_path(args), prn_path, args.batch_size, device, args.precision
         )
         label = "PRN" if len(prns) == 1 else f"PRN {Path(prn_path).name}"
         rows[f"base + {label} @ 0.5"] = scores([r > 0.5 for r in refined], test)

@@ -31,6 +31,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from prn_accuracy import (  # noqa: E402
     add_probability_options,
+    cache_path,
     labelled_probabilities,
     oracle,
     scores,
@@ -70,7 +71,7 @@ def main() -> None:
     tiles, probs = labelled_probabilities(args, [args.split])
     names = [t.name for t in tiles]
     refined = refined_probabilities(
-        probs, names, args.cache, args.prn, args.batch_size, device, args.precision
+        probs, names, cache_path(args), args.prn, args.batch_size, device, args.precision
     )
     pseudo_labels = [oracle(p, t, patch) for p, t in zip(probs, tiles, strict=True)]
     candidates: dict[str, list[np.ndarray]] = {
