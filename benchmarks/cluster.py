@@ -8,17 +8,24 @@ thread count changes how convolutions sum, hence the last bits of the probabilit
 
     python benchmarks/cluster.py                       # 2 x 2 tiles, base model only
     python benchmarks/cluster.py --tiles 3 --prn       # with the shipped PRN
+    python benchmarks/cluster.py --tiles 4 --nodata --lanes 1,2,4
+
+``--lanes`` compares how many runs of neighbouring blocks each worker thread gets
+(``geoprn.pipeline.LANES_PER_THREAD``) in the 2-worker runs; ``--nodata`` declares the tiles'
+white areas nodata (255), so their blocks are skipped and the runs' work is uneven.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
+import rasterio
 import zarr
 from distributed import LocalCluster
 
@@ -26,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from memory import build_mosaic  # noqa: E402
 
 import geoprn  # noqa: E402
+from geoprn import pipeline  # noqa: E402
 
 
 def run(
@@ -61,15 +69,21 @@ def main() -> None:
     parser.add_argument("--block-size", type=int, default=1024)
     parser.add_argument("--torch-threads", type=int, default=1, help="per worker")
     parser.add_argument("--workdir", default="/tmp/geoprn-bench")
+    parser.add_argument("--nodata", action="store_true", help="white areas are nodata (255)")
+    parser.add_argument("--lanes", default=str(pipeline.LANES_PER_THREAD), help="e.g. 1,2,4")
     args = parser.parse_args()
     workdir = Path(args.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     scene = build_mosaic(workdir / f"mosaic_{args.tiles}x{args.tiles}.tif", args.tiles)
+    if args.nodata:
+        scene = with_nodata(scene, workdir / f"mosaic_{args.tiles}x{args.tiles}_nodata.tif")
+    runs = [(1, pipeline.LANES_PER_THREAD)] + [(2, int(n)) for n in args.lanes.split(",")]
     seconds, windows = {}, {}
-    for workers in (1, 2):
-        seconds[workers], windows[workers] = run(
+    for workers, lanes in runs:
+        pipeline.LANES_PER_THREAD = lanes  # read where the tasks are made: in this process
+        seconds[workers, lanes], windows[workers, lanes] = run(
             scene,
-            workdir / f"dist_{workers}",
+            workdir / f"dist_{workers}_{lanes}",
             workers,
             args.torch_threads,
             args.prn,
@@ -77,24 +91,37 @@ def main() -> None:
         )
     stem = scene.stem
     variables = ["base", "refined"] if args.prn else ["base"]
+    first, *others = (workdir / f"dist_{w}_{n}" / f"{stem}.zarr" for w, n in runs)
     same = all(
         np.array_equal(
-            zarr.open_array(workdir / "dist_1" / f"{stem}.zarr" / v, mode="r")[:],
-            zarr.open_array(workdir / "dist_2" / f"{stem}.zarr" / v, mode="r")[:],
+            zarr.open_array(first / v, mode="r")[:],
+            zarr.open_array(other / v, mode="r")[:],
             equal_nan=True,
         )
+        for other in others
         for v in variables
     )
     side = args.tiles * 1500
     print(
-        f"scene {side}x{side} px, block size {args.block_size}, {os.cpu_count()} cores, "
-        f"{args.torch_threads} torch thread(s) per worker, "
-        f"{'base + PRN' if args.prn else 'base only'}"
+        f"scene {side}x{side} px{' (white = nodata)' if args.nodata else ''}, block size "
+        f"{args.block_size}, {os.cpu_count()} cores, {args.torch_threads} torch thread(s) per "
+        f"worker, {'base + PRN' if args.prn else 'base only'}"
     )
-    for workers, s in seconds.items():
-        print(f"{workers} worker process(es): {s:.1f} s, {windows[workers]} windows")
-    print(f"speed-up 2 workers / 1 worker: {seconds[1] / seconds[2]:.2f}x")
+    for (workers, lanes), s in seconds.items():
+        print(
+            f"{workers} worker process(es), {lanes} run(s) of blocks per thread: {s:.1f} s, "
+            f"{windows[workers, lanes]} windows, speed-up {seconds[runs[0]] / s:.2f}x"
+        )
     print(f"outputs identical: {same}")
+
+
+def with_nodata(scene: Path, path: Path) -> Path:
+    """A copy of ``scene`` declaring 255 nodata (Massachusetts' white areas)."""
+    if not path.exists():
+        shutil.copyfile(scene, path)
+        with rasterio.open(path, "r+") as ds:
+            ds.nodata = 255
+    return path
 
 
 if __name__ == "__main__":

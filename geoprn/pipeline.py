@@ -373,11 +373,12 @@ def local_threads(device: str) -> int:
     return 3 if resolve_device(device).type == "cuda" else 1
 
 
-LANES_PER_THREAD = 2
+LANES_PER_THREAD = 1
 """On a cluster, the blocks are cut into this many runs of neighbours per worker thread; each
 run goes to one process in order, so its blocks share that process's window cache (a cluster
 otherwise places neighbours in different processes, which compute their shared windows
-twice). More runs than threads let a thread whose run was mostly nodata take another."""
+twice). One run per thread ran the fewest windows and was the fastest of 1, 2 and 4, also on
+a scene whose runs are uneven for nodata (``benchmarks/cluster.py --lanes``)."""
 
 
 def _after(previous: BlockResult | None, job: RefineJob, block: Block) -> BlockResult:
