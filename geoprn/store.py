@@ -12,7 +12,7 @@ Layout of ``OUTDIR`` for a scene ``<stem>``::
                          quicklook, mask/<row>_<col>.tif and quicklook/<row>_<col>.npz
     .<stem>.lock         exists, locked, while a run writes these outputs
 
-A block's marker is written only after its data and pieces are written, so a run killed at any point
+A block's marker is written only after its data and pieces are, so a run killed at any point
 resumes by computing the blocks without a marker. A different command on the same outputs
 is refused unless the caller asks to overwrite, and so is any run while another one writes them.
 """
