@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import dask
 import numpy as np
 import pytest
 import rasterio
@@ -128,10 +129,16 @@ def test_blocks_in_parallel_threads_give_the_same_outputs(reference, mass_scene,
 def test_distributed_run_equals_local_run(reference, mass_scene, models, tmp_path):
     from distributed import LocalCluster
 
+    ran_on, defaults = {}, set()
+
+    def progress(done, total, result):
+        defaults.add(dask.config.get("scheduler", None))  # while refine's client is open
+        if result:
+            ran_on[result.key] = result.worker
+
     with LocalCluster(
         n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None
     ) as cluster:
-        ran_on = {}
         record = refine(
             mass_scene,
             tmp_path,
@@ -140,9 +147,10 @@ def test_distributed_run_equals_local_run(reference, mass_scene, models, tmp_pat
             block_size=512,
             device="cpu",
             scheduler=cluster.scheduler_address,
-            progress=lambda done, total, r: r and ran_on.update({r.key: r.worker}),
+            progress=progress,
         )
     assert record.blocks["computed"] == 6
+    assert defaults == {None}  # the client is not made dask's default
     seen = set(ran_on.values())
     assert len(seen) == 2 and not any(w.endswith(f":{os.getpid()}") for w in seen)
     # each run of neighbouring blocks ran in one process, sharing its window cache
@@ -182,8 +190,6 @@ def test_two_runs_at_once_on_one_cluster_keep_their_own_blocks(mass_scene, model
         ]
         for run in runs:
             assert run.result().blocks["computed"] == 6
-    import dask
-
     assert dask.config.get("scheduler", None) is None  # no closed client left as the default
     for stem in scenes:
         local, shared = tmp_path / "local" / stem, tmp_path / "cluster" / stem
