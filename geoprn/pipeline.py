@@ -324,17 +324,29 @@ def process_block(job: RefineJob, block: Block) -> BlockResult:
         probs, windows, image = prediction.probabilities, prediction.windows, prediction.image
     for values in probs.values():
         values[~valid] = np.nan
-    step = sampling_step(job.scene.height, job.scene.width)
+    _write_pieces(job, block, probs, valid, image)  # before the block's done marker
+    store.write_block(job.paths, block, probs)
+    seconds = time.perf_counter() - started
+    return _finished(job, block, BlockResult(block.key, "computed", windows, seconds))
+
+
+def _write_pieces(
+    job: RefineJob,
+    block: Block,
+    probs: dict[str, np.ndarray],
+    valid: np.ndarray,
+    image: np.ndarray | None = None,
+) -> None:
+    """Write a block's pieces of the quicklook and the mask from its probabilities (NaN at
+    nodata) and the image bands read for the models (read here when None)."""
     bands = shown_bands(job.bands, job.scene.count)  # the models' first three when they read any
     if image is None:
         with open_raster(job.scene.path) as ds:
             image = ds.read(bands, window=(block.rows, block.cols))
+    step = sampling_step(job.scene.height, job.scene.width)
     piece = sample_block(image[: len(bands)], block.rows, block.cols, valid, probs, step)
-    save_piece(job.paths.quicklook_pieces, block.key, piece)  # before the block's done marker
+    save_piece(job.paths.quicklook_pieces, block.key, piece)
     write_mask_piece(job.paths.mask_piece(block), probs[job.variables[-1]], job.threshold)
-    store.write_block(job.paths, block, probs)
-    seconds = time.perf_counter() - started
-    return _finished(job, block, BlockResult(block.key, "computed", windows, seconds))
 
 
 def _finished(job: RefineJob, block: Block, result: BlockResult) -> BlockResult:
@@ -600,18 +612,18 @@ def refine(
 
 def _mask_pieces(job: RefineJob, blocks: list[Block]) -> list[tuple[Path, Range, Range]]:
     """The pieces of the mask of every block computed, each with the rows and columns it
-    covers. A computed block without one (a run of an earlier version being resumed) gets
-    it from the store."""
+    covers. A computed block without its pieces (a run of an earlier version being resumed)
+    gets them from the store."""
     pieces = []
     for block in blocks:
         path = job.paths.mask_piece(block)
-        if not path.is_file():
+        quicklook = job.paths.quicklook_pieces / f"{block.key}.npz"
+        if not (path.is_file() and quicklook.is_file()):
             if (store.done_result(job.paths, block) or {}).get("status") != "computed":
                 continue  # no valid pixel: the mask's nodata
-            values = store.open_variable(job.paths, job.variables[-1])[
-                slice(*block.rows), slice(*block.cols)
-            ]
-            write_mask_piece(path, values, job.threshold)
+            region = slice(*block.rows), slice(*block.cols)
+            probs = {v: store.open_variable(job.paths, v)[region] for v in job.variables}
+            _write_pieces(job, block, probs, ~np.isnan(probs[job.variables[-1]]))
         pieces.append((path, block.rows, block.cols))
     return pieces
 

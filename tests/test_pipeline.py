@@ -302,19 +302,25 @@ def test_killed_run_resumes_to_the_same_outputs(tmp_path, models):
     assert_same_outputs(out, tmp_path / "whole")
 
 
-def test_resuming_a_run_without_mask_pieces_makes_them_from_the_store(mass_scene, models, tmp_path):
-    """State left by an earlier version (plain-text markers, no mask pieces): a resumed run
-    computes nothing again and still writes the whole mask, from the stored probabilities."""
+def test_resuming_a_run_without_pieces_makes_them_from_the_store(mass_scene, models, tmp_path):
+    """State left by an earlier version (plain-text markers, no pieces of the mask and the
+    quicklook): a resumed run computes nothing again and still writes the whole mask and the
+    same quicklook, from the stored probabilities."""
     options = {"base": models["base"], "use_prn": False, "block_size": 512, "device": "cpu"}
     refine(mass_scene, tmp_path, **options)
+    quicklook = tmp_path / f"{STEM}_quicklook.png"
+    before = rasterio.open(quicklook).read()
     state = tmp_path / f".{STEM}.geoprn"
     for piece in sorted((state / "mask").glob("*.tif"))[:2]:
         piece.unlink()
+        (state / "quicklook" / f"{piece.stem}.npz").unlink()
         (state / "done" / piece.stem).write_text("computed")
-    (tmp_path / f"{STEM}_mask.tif").unlink()
+    for output in (tmp_path / f"{STEM}_mask.tif", quicklook):
+        output.unlink()
     record = refine(mass_scene, tmp_path, **options)
     assert record.blocks["resumed"] == 6 and record.blocks["computed"] == 0
     np.testing.assert_array_equal(mask(tmp_path), (read(tmp_path, "base") > 0.5).astype("uint8"))
+    np.testing.assert_array_equal(rasterio.open(quicklook).read(), before)
 
 
 def test_a_second_run_on_outputs_being_written_is_refused(tmp_path, models):
