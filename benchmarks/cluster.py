@@ -19,18 +19,16 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
-import rasterio
 import zarr
 from distributed import LocalCluster
 
 sys.path.insert(0, str(Path(__file__).parent))
-from memory import build_mosaic  # noqa: E402
+from memory import build_mosaic, with_nodata  # noqa: E402
 
 import geoprn  # noqa: E402
 from geoprn import pipeline  # noqa: E402
@@ -76,7 +74,7 @@ def main() -> None:
     workdir.mkdir(parents=True, exist_ok=True)
     scene = build_mosaic(workdir / f"mosaic_{args.tiles}x{args.tiles}.tif", args.tiles)
     if args.nodata:
-        scene = with_nodata(scene, workdir / f"mosaic_{args.tiles}x{args.tiles}_nodata.tif")
+        scene = with_nodata(scene)
     runs = [(1, pipeline.LANES_PER_THREAD)] + [(2, int(n)) for n in args.lanes.split(",")]
     seconds, windows = {}, {}
     for workers, lanes in runs:
@@ -113,15 +111,6 @@ def main() -> None:
             f"{windows[workers, lanes]} windows, speed-up {seconds[runs[0]] / s:.2f}x"
         )
     print(f"outputs identical: {same}")
-
-
-def with_nodata(scene: Path, path: Path) -> Path:
-    """A copy of ``scene`` declaring 255 nodata (Massachusetts' white areas)."""
-    if not path.exists():
-        shutil.copyfile(scene, path)
-        with rasterio.open(path, "r+") as ds:
-            ds.nodata = 255
-    return path
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ import argparse
 import json
 import math
 import resource
+import shutil
 import subprocess
 import sys
 import time
@@ -57,6 +58,17 @@ def build_mosaic(path: Path, tiles_per_side: int, data: Path = DATA, kind: str =
             row, col = divmod(k, tiles_per_side)
             dst.write(pixels, window=Window(col * TILE, row * TILE, TILE, TILE))
     tmp.rename(path)
+    return path
+
+
+def with_nodata(scene: Path) -> Path:
+    """A copy of a mosaic beside it (``<stem>_nodata.tif``) declaring 255 nodata: the
+    Massachusetts tiles' white areas, whose blocks and windows ``refine`` then skips."""
+    path = scene.with_name(f"{scene.stem}_nodata.tif")
+    if not path.exists():
+        shutil.copyfile(scene, path)
+        with rasterio.open(path, "r+") as ds:
+            ds.nodata = 255
     return path
 
 

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from memory import build_mosaic  # noqa: E402
+from memory import build_mosaic, with_nodata  # noqa: E402
 
 from geoprn import pipeline, store  # noqa: E402
 
@@ -76,6 +76,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("scene", nargs="?", help="GeoTIFF (default: a mosaic of real tiles)")
     parser.add_argument("--tiles", type=int, default=8, help="tiles per side of that mosaic")
+    parser.add_argument("--nodata", action="store_true", help="its white areas are nodata (255)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--block-size", type=int, default=4096)
@@ -89,6 +90,8 @@ def main() -> None:
     workdir.mkdir(parents=True, exist_ok=True)
     mosaic = workdir / f"mosaic_{args.tiles}x{args.tiles}.tif"
     scene = Path(args.scene) if args.scene else build_mosaic(mosaic, args.tiles)
+    if args.nodata:
+        scene = with_nodata(scene)
     for module, names in TIMED.items():
         for name in names:
             if hasattr(module, name):  # (warm_up: only since --compile)

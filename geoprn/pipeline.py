@@ -345,7 +345,7 @@ def _write_pieces(
             image = ds.read(bands, window=(block.rows, block.cols))
     step = sampling_step(job.scene.height, job.scene.width)
     piece = sample_block(image[: len(bands)], block.rows, block.cols, valid, probs, step)
-    save_piece(job.paths.quicklook_pieces, block.key, piece)
+    save_piece(job.paths.quicklook_piece(block), piece)
     write_mask_piece(job.paths.mask_piece(block), probs[job.variables[-1]], job.threshold)
 
 
@@ -611,20 +611,19 @@ def refine(
 
 
 def _mask_pieces(job: RefineJob, blocks: list[Block]) -> list[tuple[Path, Range, Range]]:
-    """The pieces of the mask of every block computed, each with the rows and columns it
-    covers. A computed block without its pieces (a run of an earlier version being resumed)
-    gets them from the store."""
+    """The pieces of the mask of every computed block, each with the rows and columns it
+    covers. A computed block without its pieces of the mask and the quicklook (a run of an
+    earlier version being resumed) gets both from the store first."""
     pieces = []
     for block in blocks:
-        path = job.paths.mask_piece(block)
-        quicklook = job.paths.quicklook_pieces / f"{block.key}.npz"
-        if not (path.is_file() and quicklook.is_file()):
+        mask, quicklook = job.paths.mask_piece(block), job.paths.quicklook_piece(block)
+        if not (mask.is_file() and quicklook.is_file()):
             if (store.done_result(job.paths, block) or {}).get("status") != "computed":
                 continue  # no valid pixel: the mask's nodata
             region = slice(*block.rows), slice(*block.cols)
             probs = {v: store.open_variable(job.paths, v)[region] for v in job.variables}
             _write_pieces(job, block, probs, ~np.isnan(probs[job.variables[-1]]))
-        pieces.append((path, block.rows, block.cols))
+        pieces.append((mask, block.rows, block.cols))
     return pieces
 
 
@@ -686,6 +685,8 @@ def _plan(
         raise InputError(f"--overlap must be even and below {tile // 2}")
     if batch_size != "auto" and (not str(batch_size).isdigit() or int(batch_size) < 1):
         raise InputError(f"--batch-size must be 'auto' or at least 1, not {batch_size!r}")
+    if not 0 <= threshold < 1:
+        raise InputError(f"--threshold must lie in [0, 1), not {threshold}")
     if block_size <= 0 or block_size % store.CHUNK:
         raise InputError(f"--block-size must be a positive multiple of {store.CHUNK}")
     autocast_dtype(resolve_device(device), precision)  # fail early; workers resolve it again

@@ -75,13 +75,13 @@ def sample_block(
     return {**piece, "image": image, "valid": valid[inside], "origin": origin}
 
 
-def save_piece(folder: Path, key: str, piece: Mapping[str, np.ndarray]) -> None:
-    """Write a block's piece as ``folder/<key>.npz``, complete or not at all."""
-    folder.mkdir(parents=True, exist_ok=True)
-    tmp = folder / f"{key}.tmp"
+def save_piece(path: Path, piece: Mapping[str, np.ndarray]) -> None:
+    """Write a block's piece as ``path`` (``.npz``), complete or not at all."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
     with open(tmp, "wb") as file:
         np.savez(file, **piece)
-    os.replace(tmp, folder / f"{key}.npz")
+    os.replace(tmp, path)
 
 
 def write_quicklook(

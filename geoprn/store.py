@@ -93,6 +93,10 @@ class OutputPaths:
         """The blocks' pieces of the quicklook (see :mod:`geoprn.quicklook`)."""
         return self.state / "quicklook"
 
+    def quicklook_piece(self, block: Block) -> Path:
+        """A block's piece of the quicklook (see :func:`geoprn.quicklook.save_piece`)."""
+        return self.quicklook_pieces / f"{block.key}.npz"
+
     def mask_piece(self, block: Block) -> Path:
         """A block's piece of the mask (see :func:`geoprn.raster.write_mask_piece`)."""
         return self.state / "mask" / f"{block.key}.tif"

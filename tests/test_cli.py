@@ -222,6 +222,24 @@ def test_without_prn_weights_the_base_runs_alone_and_says_so_once(
     assert json.loads((tmp_path / "o" / "scene_run.json").read_text())["inputs"]["prn"] is None
 
 
+@pytest.mark.parametrize("threshold", ["1", "1.5", "-0.1", "nan"])
+def test_bad_threshold(scene, models, tmp_path, threshold):
+    assert_one_line_error(
+        run(
+            "refine",
+            scene,
+            "-o",
+            tmp_path / "o",
+            "--base",
+            models["base"],
+            "--threshold",
+            threshold,
+        ),
+        "--threshold must lie in [0, 1)",
+    )
+    assert not (tmp_path / "o").exists()
+
+
 @pytest.mark.parametrize("size", ["0", "-2", "many"])
 def test_bad_batch_size(scene, models, tmp_path, size):
     assert_one_line_error(
