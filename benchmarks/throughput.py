@@ -272,6 +272,7 @@ def main() -> None:
     limits, refines = [], []
     for _ in range(args.repeats):  # (a) and (b) in turn, so drift in the machine hits both
         limits.append(run_limit(info, bands, predict, grid, args.batch_size, device, args.compile))
+        shutil.rmtree(workdir / "refine", ignore_errors=True)  # a new folder, as users run it
         started = time.perf_counter()
         record = refine(
             scene,
@@ -283,7 +284,6 @@ def main() -> None:
             overlap=args.overlap,
             threads=args.threads,
             compile=args.compile,
-            overwrite=True,
             resample="off",  # every run sees the scene's own pixels
             **({"block_size": args.block_size} if args.block_size else {}),
         )

@@ -46,7 +46,7 @@ from geoprn import metrics
 from geoprn.errors import GeoprnWarning, InputError, OutputError
 from geoprn.labels import DEFAULT_ROAD_WIDTH, VECTOR_SUFFIXES, burn_roads, read_roads
 from geoprn.network_metrics import BUFFER_M, LengthCounts, apls, length_counts
-from geoprn.raster import SceneInfo, open_scene, pixel_size_m, read_region
+from geoprn.raster import SceneInfo, check_threshold, open_scene, pixel_size_m, read_region
 from geoprn.tiling import Block, Range
 
 log = logging.getLogger(__name__)
@@ -346,6 +346,9 @@ class Settings:
     d: int = metrics.DEFAULT_D
     block_size: int = BLOCK_SIZE
     chip_m: float = CHIP_M
+
+    def __post_init__(self) -> None:
+        check_threshold(self.threshold)
 
 
 def evaluate(

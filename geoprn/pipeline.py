@@ -55,6 +55,7 @@ from geoprn.quicklook import sample_block, sampling_step, save_piece, shown_band
 from geoprn.raster import (
     SceneInfo,
     WorkGrid,
+    check_threshold,
     open_raster,
     open_scene,
     read_region,
@@ -685,8 +686,7 @@ def _plan(
         raise InputError(f"--overlap must be even and below {tile // 2}")
     if batch_size != "auto" and (not str(batch_size).isdigit() or int(batch_size) < 1):
         raise InputError(f"--batch-size must be 'auto' or at least 1, not {batch_size!r}")
-    if not 0 <= threshold < 1:
-        raise InputError(f"--threshold must lie in [0, 1), not {threshold}")
+    check_threshold(threshold)
     if block_size <= 0 or block_size % store.CHUNK:
         raise InputError(f"--block-size must be a positive multiple of {store.CHUNK}")
     autocast_dtype(resolve_device(device), precision)  # fail early; workers resolve it again

@@ -247,6 +247,14 @@ def read_ahead(read: Callable[[Any], np.ndarray], items: Iterable, ahead: int = 
 MASK_NODATA = 255
 
 
+def check_threshold(threshold: float) -> float:
+    """``threshold`` if it can cut road from background, else InputError: 1 and above (or NaN)
+    would leave no road in any mask, below 0 no background."""
+    if not 0 <= threshold < 1:
+        raise InputError(f"--threshold must lie in [0, 1), not {threshold}")
+    return threshold
+
+
 def road_mask(probabilities: np.ndarray, threshold: float) -> np.ndarray:
     """(H, W) probabilities (NaN = nodata) as the uint8 mask: 1 road, 0 background, 255 nodata."""
     mask = (probabilities > threshold).view(np.uint8)  # no int64 temporary, as np.where makes

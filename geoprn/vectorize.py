@@ -119,6 +119,7 @@ class RoadSource:
     @classmethod
     def open(cls, path: str | Path, variable: str = "refined", threshold: float = 0.5):
         """Open and check a source; raises InputError when it cannot be one."""
+        raster.check_threshold(threshold)
         path = Path(path)
         if not path.exists():
             raise InputError(f"file not found: {path}")

@@ -172,6 +172,11 @@ def test_command_errors(real, tmp_path):
     assert_one_line_error(
         run("evaluate", real["probs"], "--labels", real["labels"], "--buffer", "-3m"), "--buffer"
     )
+    for threshold in ("1", "-0.2", "nan"):
+        assert_one_line_error(
+            run("evaluate", real["probs"], "--labels", real["labels"], "--threshold", threshold),
+            "--threshold must lie in [0, 1)",
+        )
     other = write_raster(tmp_path / "small.tif", np.zeros((1, 64, 64), np.uint8))
     assert_one_line_error(
         run("evaluate", real["probs"], "--labels", other), "not on the prediction's grid"

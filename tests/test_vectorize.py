@@ -211,6 +211,7 @@ def test_vectorize_command_and_its_errors(mask_tif, tmp_path):
         ((mask_tif, "-o", tmp_path / "roads.shp"), "write roads as"),
         ((tmp_path / "missing.tif", "-o", tmp_path / "x.gpkg"), "file not found"),
         ((mask_tif, "-o", tmp_path / "y.gpkg", "--simplify", "2ft"), "length in metres"),
+        ((mask_tif, "-o", tmp_path / "z.gpkg", "--threshold", "1.5"), "must lie in [0, 1)"),
     ]:
         result = invoke("vectorize", *args)
         assert result.exit_code == 1, result.output
