@@ -17,7 +17,8 @@ Same scene, same weights, same device and batch size for every run:
 (a) and (b) run ``--repeats`` times in turn and their medians are printed (the spread too);
 (c), (d) and (e) run once. Each prints seconds, scene tiles/s (the scene's area in 512 x 512
 tiles over the seconds, so rates compare whatever each run computes), km²/h at the scene's
-resolution, and the ratios of seconds (a)/(b), (c)/(b), (d)/(b), (e)/(b); then the recompute
+resolution and at 0.5 m/px (the GPU target's: the same tiles/s at 0.0655 km² a tile), and the
+ratios of seconds (a)/(b), (c)/(b), (d)/(b), (e)/(b); then the recompute
 factor, windows ``refine`` runs over the windows that cover the scene once (per stage), for
 this scene and for larger ones.
 
@@ -228,6 +229,10 @@ def recompute_factors(
     return [run / (len(origins[0]) * len(origins[1])) for run in runs]
 
 
+TILE_KM2_AT_HALF_METRE = TILE**2 * 0.5**2 / 1e6
+"""A 512² tile at 0.5 m/px, the resolution of the issue's GPU target, in km²."""
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("scene", nargs="?", help="GeoTIFF (default: a mosaic of test tiles)")
@@ -316,14 +321,15 @@ def main() -> None:
         f"{args.overlap}; block size {block_size}{'; torch.compile' if args.compile else ''}"
     )
     print(
-        "\n| run | windows | seconds | scene tiles/s | km²/h | (a)/(run) |\n"
-        "|---|---|---|---|---|---|"
+        "\n| run | windows | seconds | scene tiles/s | km²/h | km²/h at 0.5 m/px | (a)/(run) |\n"
+        "|---|---|---|---|---|---|---|"
     )
     limit = runs["(a) limit: forward passes"][0]
     for label, (seconds, windows) in runs.items():
+        at_half_metre = scene_tiles / seconds * TILE_KM2_AT_HALF_METRE * 3600
         print(
             f"| {label} | {windows} | {seconds:.1f} | {scene_tiles / seconds:.3f} | "
-            f"{km2 / seconds * 3600:,.1f} | {limit / seconds:.3f} |"
+            f"{km2 / seconds * 3600:,.1f} | {at_half_metre:,.0f} | {limit / seconds:.3f} |"
         )
     refine_seconds = runs["(b) geoprn.refine"][0]
     print(

@@ -156,19 +156,8 @@ def test_foreign_file_in_the_way_is_not_overwritten(scene, models, tmp_path):
 
 
 def test_unreachable_scheduler(scene, models, tmp_path):
-    assert_one_line_error(
-        run(
-            "refine",
-            scene,
-            "-o",
-            tmp_path / "o",
-            "--base",
-            models["base"],
-            "--scheduler",
-            "tcp://127.0.0.1:9",
-        ),
-        "cannot reach the Dask",
-    )
+    args = ("refine", scene, "-o", tmp_path / "o", "--base", models["base"])
+    assert_one_line_error(run(*args, "--scheduler", "tcp://127.0.0.1:9"), "cannot reach the Dask")
 
 
 def test_bad_options(scene, models, tmp_path):
@@ -224,19 +213,8 @@ def test_without_prn_weights_the_base_runs_alone_and_says_so_once(
 
 @pytest.mark.parametrize("threshold", ["1", "1.5", "-0.1", "nan"])
 def test_bad_threshold(scene, models, tmp_path, threshold):
-    assert_one_line_error(
-        run(
-            "refine",
-            scene,
-            "-o",
-            tmp_path / "o",
-            "--base",
-            models["base"],
-            "--threshold",
-            threshold,
-        ),
-        "--threshold must lie in [0, 1)",
-    )
+    args = ("refine", scene, "-o", tmp_path / "o", "--base", models["base"])
+    assert_one_line_error(run(*args, "--threshold", threshold), "--threshold must lie in [0, 1)")
     assert not (tmp_path / "o").exists()
 
 
