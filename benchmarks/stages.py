@@ -8,12 +8,17 @@ already loaded, or compiled, its models). Sums over threads can exceed the wall 
 
     python benchmarks/stages.py --tiles 8 --trivial-model         # 12000² mosaic, CPU
     python benchmarks/stages.py SCENE.tif --device cuda --batch-size 32 --compile --runs 2
+    python benchmarks/stages.py SCENE.tif --device cuda --compile --runs 2 --turns both
+
+``--turns both`` runs each run twice, block threads taking turns on the GPU
+(``inference.DEVICE_TURNS``, the default) and not, one after the other.
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
+import itertools
 import shutil
 import sys
 import threading
@@ -25,7 +30,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from memory import build_mosaic, with_nodata  # noqa: E402
 
-from geoprn import pipeline, store  # noqa: E402
+from geoprn import inference, pipeline, store  # noqa: E402
 
 TIMED = {
     pipeline: [
@@ -84,6 +89,7 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true")
     parser.add_argument("--trivial-model", action="store_true")
     parser.add_argument("--runs", type=int, default=1)
+    parser.add_argument("--turns", choices=("on", "off", "both"), default="on")
     parser.add_argument("--workdir", default="/tmp/geoprn-bench")
     args = parser.parse_args()
     workdir = Path(args.workdir)
@@ -99,7 +105,9 @@ def main() -> None:
     if args.trivial_model:
         pipeline.stage_model = lambda refs, device, compiled=False: FirstBand()
     out = workdir / "stages"
-    for run in range(1, args.runs + 1):
+    turns = {"on": [True], "off": [False], "both": [True, False]}[args.turns]
+    for run, turn in itertools.product(range(1, args.runs + 1), turns):
+        inference.DEVICE_TURNS = turn
         seconds.clear()
         calls.clear()
         shutil.rmtree(out, ignore_errors=True)
@@ -120,6 +128,7 @@ def main() -> None:
             f"{record.inputs['scheduler']}, device {record.inputs['device']}"
             f"{', trivial model' if args.trivial_model else ''}"
             f"{', compiled' if args.compile else ''}"
+            f", device turns {'on' if turn else 'off'}"
         )
         for name in sorted(seconds, key=seconds.get, reverse=True):
             print(f"  {name:16s} {seconds[name]:8.2f} s  {calls[name]:5d} calls")

@@ -4,11 +4,13 @@ Real probabilities: the shipped base model on the Massachusetts tiles with the m
 (1500² each, NaN at nodata, as ``refine`` stores them; most of some tiles is nodata, which any
 codec stores for nothing), side by side in one array. Each candidate stores that
 array in 512² chunks through zarr's own write path (as ``store.write_block`` writes a block)
-and reads it back, ``--repeats`` times; the table gives the stored bytes over the raw float32
-bytes and the medians of write and read speed. ``*`` marks the compressor ``refine`` uses.
+and reads it back, ``--repeats`` times, as ``--dtype`` values; the table gives the stored bytes
+over the raw float32 bytes and the medians of write and read speed in million probabilities
+(pixels) a second. ``*`` marks the compressor ``refine`` uses.
 
     python benchmarks/zarr_codecs.py                 # 4 train tiles, format 2
     python benchmarks/zarr_codecs.py --zarr-format 3
+    python benchmarks/zarr_codecs.py --dtype float16
 """
 
 from __future__ import annotations
@@ -68,15 +70,18 @@ def main() -> None:
     parser.add_argument("--tiles", type=int, default=4, help="the split's tiles with most imagery")
     parser.add_argument("--zarr-format", type=int, choices=(2, 3), default=2)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--dtype", choices=("float32", "float16"), default="float32")
     args = parser.parse_args()
     args.device = resolve_device(args.device)
-    values = probabilities(args)
+    values = probabilities(args).astype(args.dtype)
+    raw = values.size * 4  # float32 bytes, whatever is stored
     used = repr(store.compressor(args.zarr_format))
     print(
-        f"{values.shape[0]}x{values.shape[1]} float32 probabilities ({values.nbytes / 2**20:.0f} "
-        f"MiB, {np.isnan(values).mean():.0%} nodata), Zarr format {args.zarr_format}, 512 chunks\n"
+        f"{values.shape[0]}x{values.shape[1]} {args.dtype} probabilities "
+        f"({values.nbytes / 2**20:.0f} MiB, {np.isnan(values).mean():.0%} nodata), "
+        f"Zarr format {args.zarr_format}, 512 chunks\n"
     )
-    print("| compressor | stored / raw | write MB/s | read MB/s |")
+    print("| compressor | stored / raw float32 | write Mpx/s | read Mpx/s |")
     print("|---|---|---|---|")
     workdir = Path(tempfile.mkdtemp(prefix="geoprn-codecs-"))
     try:
@@ -89,7 +94,7 @@ def main() -> None:
                     path,
                     shape=values.shape,
                     chunks=(512, 512),
-                    dtype="float32",
+                    dtype=args.dtype,
                     fill_value=np.nan,
                     zarr_format=args.zarr_format,
                     compressors=codec,
@@ -103,9 +108,9 @@ def main() -> None:
             np.testing.assert_array_equal(back, values)  # lossless, NaN included
             mark = " *" if repr(codec) == used else ""
             print(
-                f"| {name}{mark} | {folder_bytes(path) / values.nbytes:.3f} "
-                f"| {values.nbytes / statistics.median(writes) / 1e6:.0f} "
-                f"| {values.nbytes / statistics.median(reads) / 1e6:.0f} |"
+                f"| {name}{mark} | {folder_bytes(path) / raw:.3f} "
+                f"| {values.size / statistics.median(writes) / 1e6:.0f} "
+                f"| {values.size / statistics.median(reads) / 1e6:.0f} |"
             )
     finally:
         shutil.rmtree(workdir, ignore_errors=True)

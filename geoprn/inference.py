@@ -132,6 +132,30 @@ def warm_up(
         _warmed.add(key)
 
 
+DEVICE_TURNS = True
+"""Whether a GPU's block threads take turns on it (see :func:`device_turn`); ``benchmarks/
+stages.py --no-turns`` turns it off to compare."""
+_turns: dict[int, threading.Lock] = {}
+_turns_guard = threading.Lock()
+
+
+def device_turn(device: torch.device) -> contextlib.AbstractContextManager:
+    """Hold ``device`` for one block's model work: a lock per GPU, a no-op on the CPU.
+
+    A process's block threads queue their work on one CUDA stream, which runs it in order; and
+    each thread ends its block by waiting for that stream, so for everything queued before its
+    copy back, the other threads' work included. Threads that queue at once thus finish at
+    once, and then all read and write while the GPU idles. Taking turns keeps the stream's
+    order (so the GPU does the same work) but lets one block's work finish first, so its
+    thread writes and reads the next block while the others' work runs.
+    """
+    if device.type != "cuda" or not DEVICE_TURNS:
+        return contextlib.nullcontext()
+    index = torch.cuda.current_device() if device.index is None else device.index
+    with _turns_guard:
+        return _turns.setdefault(index, threading.Lock())
+
+
 class WindowCache:
     """Window outputs that several blocks run (their halos overlap), kept for the blocks still
     to come so each is computed once.
@@ -284,7 +308,7 @@ def predict_region(
     (sy0, _), (sx0, _) = source_region
     (oy0, oy1), (ox0, ox1) = out_region
     rows, cols = (touching(o, span, tile) for o, span in zip(origins, out_region, strict=True))
-    weights = torch.tensor(blend_weights(tile, overlap), device=device)
+    weights = to_device(blend_weights(tile, overlap), device)
     total = torch.zeros((oy1 - oy0, ox1 - ox0), dtype=torch.float32, device=device)
     queue: list[tuple[int, int, torch.Tensor | None]] = []  # in grid order; None: to be run
     run = 0
@@ -323,7 +347,7 @@ def predict_region(
                 flush()
     flush()
     row_sums, col_sums = (
-        torch.from_numpy(weight_sums(o, span, tile, overlap)).to(device)
+        to_device(weight_sums(o, span, tile, overlap), device)
         for o, span in ((rows, out_region[0]), (cols, out_region[1]))
     )
     total /= row_sums[:, None]
@@ -332,7 +356,8 @@ def predict_region(
 
 
 def to_device(array: np.ndarray, device: torch.device) -> torch.Tensor:
-    """A host array on ``device``: through pinned memory without blocking the host on a GPU;
+    """A host array on ``device``: through pinned memory without blocking the host on a GPU
+    (a copy from ordinary memory waits until the GPU has done all the work queued before it);
     integer types torch does not compute in (uint16, uint32) become float32 first."""
     if array.dtype not in (np.uint8, np.int16, np.int32, np.float32, np.float64, np.bool_):
         array = array.astype(np.float32)

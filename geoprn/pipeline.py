@@ -37,6 +37,7 @@ from geoprn.inference import (
     WindowCache,
     auto_batch_size,
     autocast_dtype,
+    device_turn,
     predict_region,
     resolve_device,
     to_device,
@@ -220,37 +221,38 @@ def predict_stages(job: RefineJob, rows: Range, cols: Range) -> Prediction:
         outputs["base"] = source[0], (ry0, rx0)
     invalid = to_device(~valid, device)
     windows = 0
-    for (name, _), model, src_region, out_region, stage_shared in zip(
-        job.stages, models, regions[:-1], regions[1:], shared, strict=True
-    ):
-        (sy0, sy1), (sx0, sx1) = src_region
-        inside = np.s_[sy0 - ry0 : sy1 - ry0, sx0 - rx0 : sx1 - rx0]
-        if isinstance(model, BoundaryRefiner):  # BPR sees the image beside the probabilities
-            crop = to_device(image[(slice(None), *inside)], device).float()
-            source = torch.cat([source.float(), crop])
-        probs, count = predict_region(
-            model,
-            source,
-            src_region,
-            out_region,
-            origins,
-            job.tile,
-            job.overlap,
-            batch_size,
-            job.precision,
-            valid[inside],
-            stage_shared,
-            full_batches=job.compile,
-        )
-        windows += count
-        (oy0, oy1), (ox0, ox1) = out_region
-        probs[invalid[oy0 - ry0 : oy1 - ry0, ox0 - rx0 : ox1 - rx0]] = 0.0
-        outputs[name] = probs, (oy0, ox0)
-        source = probs[None]
-    cropped = {
-        name: probs[y0 - oy : y1 - oy, x0 - ox : x1 - ox].cpu().numpy()
-        for name, (probs, (oy, ox)) in outputs.items()
-    }
+    with device_turn(device):  # queued without a wait until the copies back
+        for (name, _), model, src_region, out_region, stage_shared in zip(
+            job.stages, models, regions[:-1], regions[1:], shared, strict=True
+        ):
+            (sy0, sy1), (sx0, sx1) = src_region
+            inside = np.s_[sy0 - ry0 : sy1 - ry0, sx0 - rx0 : sx1 - rx0]
+            if isinstance(model, BoundaryRefiner):  # BPR sees the image beside the probabilities
+                crop = to_device(image[(slice(None), *inside)], device).float()
+                source = torch.cat([source.float(), crop])
+            probs, count = predict_region(
+                model,
+                source,
+                src_region,
+                out_region,
+                origins,
+                job.tile,
+                job.overlap,
+                batch_size,
+                job.precision,
+                valid[inside],
+                stage_shared,
+                full_batches=job.compile,
+            )
+            windows += count
+            (oy0, oy1), (ox0, ox1) = out_region
+            probs.masked_fill_(invalid[oy0 - ry0 : oy1 - ry0, ox0 - rx0 : ox1 - rx0], 0.0)
+            outputs[name] = probs, (oy0, ox0)
+            source = probs[None]
+        cropped = {
+            name: probs[y0 - oy : y1 - oy, x0 - ox : x1 - ox].cpu().numpy()
+            for name, (probs, (oy, ox)) in outputs.items()
+        }
     return Prediction(cropped, windows, own_image, valid[own])
 
 

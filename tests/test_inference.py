@@ -1,12 +1,17 @@
-"""The cache of windows shared by neighbouring blocks."""
+"""Device helpers of windowed inference: the cache of windows shared by neighbouring blocks and
+the GPU turns of block threads."""
 
 from __future__ import annotations
+
+import contextlib
+import threading
 
 import pytest
 import torch
 
+from geoprn import inference
 from geoprn.errors import InputError
-from geoprn.inference import WindowCache
+from geoprn.inference import WindowCache, device_turn
 from geoprn.pipeline import window_cache_bytes
 
 
@@ -45,3 +50,13 @@ def test_the_cache_budget_comes_from_the_environment(monkeypatch):
     monkeypatch.setenv("GEOPRN_WINDOW_CACHE_MB", "lots")
     with pytest.raises(InputError, match="not a whole number of MiB"):
         window_cache_bytes()
+
+
+def test_gpu_block_threads_take_turns_and_cpu_ones_do_not(monkeypatch):
+    gpu0, gpu1 = torch.device("cuda", 0), torch.device("cuda", 1)
+    turn = device_turn(gpu0)
+    assert isinstance(turn, type(threading.Lock()))
+    assert device_turn(gpu0) is turn and device_turn(gpu1) is not turn
+    assert isinstance(device_turn(torch.device("cpu")), contextlib.nullcontext)
+    monkeypatch.setattr(inference, "DEVICE_TURNS", False)
+    assert isinstance(device_turn(gpu0), contextlib.nullcontext)
