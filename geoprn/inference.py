@@ -361,6 +361,8 @@ def to_device(array: np.ndarray, device: torch.device) -> torch.Tensor:
     integer types torch does not compute in (uint16, uint32) become float32 first."""
     if array.dtype not in (np.uint8, np.int16, np.int32, np.float32, np.float64, np.bool_):
         array = array.astype(np.float32)
+    elif not array.flags.writeable:  # torch does not hold read-only memory (cached weights)
+        array = array.copy()
     tensor = torch.from_numpy(np.ascontiguousarray(array))
     if device.type == "cuda":
         return tensor.pin_memory().to(device, non_blocking=True)

@@ -11,8 +11,9 @@ import torch
 
 from geoprn import inference
 from geoprn.errors import InputError
-from geoprn.inference import WindowCache, device_turn
+from geoprn.inference import WindowCache, device_turn, to_device
 from geoprn.pipeline import window_cache_bytes
+from geoprn.tiling import blend_weights
 
 
 def window(value: float) -> torch.Tensor:
@@ -60,3 +61,10 @@ def test_gpu_block_threads_take_turns_and_cpu_ones_do_not(monkeypatch):
     assert isinstance(device_turn(torch.device("cpu")), contextlib.nullcontext)
     monkeypatch.setattr(inference, "DEVICE_TURNS", False)
     assert isinstance(device_turn(gpu0), contextlib.nullcontext)
+
+
+def test_uploads_of_read_only_arrays_are_copies():
+    weights = blend_weights(512, 64)  # cached and shared: read-only
+    uploaded = to_device(weights, torch.device("cpu"))
+    uploaded += 1.0
+    assert weights.max() == 1.0 and uploaded.max() == 2.0
