@@ -134,7 +134,7 @@ def warm_up(
 
 DEVICE_TURNS = True
 """Whether a GPU's block threads take turns on it (see :func:`device_turn`); ``benchmarks/
-stages.py --no-turns`` turns it off to compare."""
+stages.py --turns both`` runs with and without to compare."""
 _turns: dict[int, threading.Lock] = {}
 _turns_guard = threading.Lock()
 
