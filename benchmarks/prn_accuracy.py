@@ -1,33 +1,33 @@
-"""Road IoU, mIoU and mBA of the base model and of base + PRN on a labelled split.
+"""Road IoU, mIoU and mBA of the base model and its refiners on the test places of each
+labelled set, and each gain over the base model at 0.5 with a bootstrap 90 % interval over
+the places (a gain whose interval holds zero is no gain).
 
-Rows, all on the same tiles and valid pixels (white Massachusetts areas are nodata):
+Rows per set, all on the same places and valid pixels (white Massachusetts areas are nodata):
 
-- the base model at 0.5;
-- the base model at the single best global threshold, chosen on the validation split;
-- base + PRN (mean of its two branches, at 0.5);
-- base + BPR and base + PRN + BPR (Boundary Patch Refinement on each 512 window, as
-  ``refine --refiner bpr`` / ``prn+bpr`` runs it), with what BPR costs: boxes and seconds
-  per km² of imagery;
-- the patch-optimal oracle (each 64 x 64 patch at its own best threshold given the truth):
-  the upper bound a patch-wise refiner could reach.
+- the base model at 0.5, and at the one global threshold best on that set's ``val`` places;
+- base + each PRN, with its branches combined as its header says (the mean, at 0.5) and by
+  the rule the authors' released code reports its figures with, global ∪ dilate(global ∩
+  local) (``--rules``);
+- base + BPR and base + PRN + BPR, as ``refine --refiner bpr`` / ``prn+bpr`` runs them;
+- the patch-optimal oracle (each 64 x 64 patch at its own best threshold given the truth).
 
-Probabilities are computed as ``refine`` computes them (overlapping 512 windows, blended), and
-the base and PRN probabilities are cached (``--cache``) so later runs only redo the rest.
+The sets are scored alone and pooled (``massachusetts + massachusetts_crops``, the issue's
+target). Probabilities are computed as ``refine`` computes them (overlapping 512 windows,
+blended) and cached (``--cache``). ``--record`` stores the first PRN's gain over all the test
+places scored (``geoprn info`` prints it; ``refine`` runs a refiner by default only if that
+gain's interval is above zero), and BPR's after it.
 
-    python benchmarks/prn_accuracy.py                        # shipped weights, Massachusetts test
-    python benchmarks/prn_accuracy.py --base B.safetensors --prn P.safetensors --device cuda
-    python benchmarks/prn_accuracy.py --prn split.safetensors --prn crossfit.safetensors --bpr none
-
-``--prn`` given more than once adds a row per PRN (e.g. one trained on the val split, one
-cross-fitted), all on the same base probabilities; BPR runs after the first. ``--prn none
---bpr none`` prints only the base model's rows and the oracle's (quick on any split: how much
-room a patch-wise refiner has there).
+    python benchmarks/prn_accuracy.py                       # shipped weights, the three sets
+    python benchmarks/prn_accuracy.py --base B --prn P --bpr none --record
+    python benchmarks/prn_accuracy.py --sets massachusetts --prn none --bpr none   # the room
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shlex
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -35,6 +35,7 @@ from pathlib import Path
 import numpy as np
 
 from geoprn.data import discover_pairs, load_tiles
+from geoprn.gain import bootstrap_gain, boundary_arrays, place_counts
 from geoprn.inference import PRECISIONS, autocast_dtype, predict_array, resolve_device
 from geoprn.metrics import BoundaryCounts, Confusion, evaluate
 from geoprn.models.bpr import BoundaryRefiner
@@ -45,6 +46,8 @@ from geoprn.models.checkpoint import (
     file_sha256,
     load_cached,
     read_header,
+    record_gain,
+    rewrite_header,
 )
 from geoprn.pseudo_labels import THRESHOLDS, patch_optimal_labels
 from geoprn.train import base_probabilities, refined_probabilities
@@ -128,69 +131,180 @@ def timed_predictions(
     return out, time.perf_counter() - started, model.boxes_seen
 
 
+SETS = ("massachusetts", "massachusetts_crops", "cil2022")
+POOLED = ("massachusetts", "massachusetts_crops")
+
+
+def with_rule(prn: str, rule: str, folder: Path) -> str:
+    """``prn`` with its branches combined by ``rule`` (a copy with that header; same weights)."""
+    header = read_header(prn, "prn")
+    if header["arguments"].get("rule", "mean") == rule:
+        return prn
+    header["arguments"] = {**header["arguments"], "rule": rule}
+    return str(rewrite_header(prn, header, folder / f"{Path(prn).stem}.{rule}.safetensors"))
+
+
+def per_place(preds, tiles) -> tuple[np.ndarray, np.ndarray]:
+    """Confusion and boundary counts of each place: (n, 3) and (n, 4)."""
+    counted = [evaluate(p, t.label > 0, t.valid) for p, t in zip(preds, tiles, strict=True)]
+    return place_counts([c for c, _ in counted]), boundary_arrays([b for _, b in counted])
+
+
+def pooled(counts: np.ndarray, boundary: np.ndarray) -> dict[str, float]:
+    """Road IoU and mBA pooled over the places."""
+    tp, fp, fn = counts.sum(0)
+    ri, ru, bi, bu = boundary.sum(0)
+    bnd = BoundaryCounts(int(ri), int(ru), int(bi), int(bu))
+    return {"road IoU": tp / max(tp + fp + fn, 1), "mBA": bnd.mba}
+
+
+class SetScores:
+    """Per-place counts of every row on one set's test places, and its tuned threshold."""
+
+    def __init__(self, args, dataset: str, prns: list[str], rules: list[str], folder: Path):
+        ns = argparse.Namespace(**{**vars(args), "dataset": dataset})
+        val, val_probs = labelled_probabilities(ns, ["val"])
+        self.tau = max(
+            (float(t) for t in THRESHOLDS),
+            key=lambda t: scores([p > t for p in val_probs], val)["road IoU"],
+        )
+        test, probs = labelled_probabilities(ns, [args.split])
+        self.places = len(test)
+        names = [t.name for t in test]
+        rows = {
+            "base @ 0.5": per_place([p > 0.5 for p in probs], test),
+            "base @ tuned global threshold": per_place([p > self.tau for p in probs], test),
+        }
+        self.bpr_seconds: list[tuple[str, float, int, float]] = []
+        for prn in prns:
+            tag = "PRN" if len(prns) == 1 else f"PRN {Path(prn).stem}"
+            for rule in rules:
+                refined = refined_probabilities(
+                    probs, names, cache_path(args), with_rule(prn, rule, folder),
+                    args.batch_size, args.device, args.precision,
+                )  # fmt: skip
+                rows[f"base + {tag} ({rule})"] = per_place([r > 0.5 for r in refined], test)
+        if args.bpr != "none":
+            bpr, prn = (load_cached(str(Path(p).resolve()), file_sha256(p), str(args.device))
+                        for p in (args.bpr, prns[0]))  # fmt: skip
+            meta = bpr.geoprn_meta
+            for name, before in (("base + BPR", None), ("base + PRN + BPR", prn)):
+                model = BoundaryRefiner(
+                    bpr, before, meta["box"], meta["input_size"], meta["nms_iou"]
+                )
+                preds, seconds, boxes = timed_predictions(
+                    model, probs, test, args.batch_size, args.device, args.precision
+                )
+                rows[name] = per_place([r > 0.5 for r in preds], test)
+                km2 = sum(int(t.valid.sum()) for t in test) * 1e-6
+                self.bpr_seconds.append((name, seconds, boxes, km2))
+        rows["patch-optimal oracle (P = 64)"] = per_place(
+            [oracle(p, t, 64) for p, t in zip(probs, test, strict=True)], test
+        )
+        self.rows = rows
+
+
+def concat(sets: list[SetScores]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """The rows of several sets over all their places."""
+    return {
+        row: tuple(np.concatenate([s.rows[row][i] for s in sets]) for i in range(2))
+        for row in sets[0].rows
+    }
+
+
+def print_table(title: str, rows: dict[str, tuple[np.ndarray, np.ndarray]]) -> None:
+    base = rows["base @ 0.5"]
+    print(f"\n{title}\n")
+    print("| | road IoU | mBA | road IoU gain (90 % interval) | mBA gain (90 % interval) |")
+    print("|---|---|---|---|---|")
+    for name, (counts, boundary) in rows.items():
+        s = pooled(counts, boundary)
+        cells = [f"{100 * s['road IoU']:.2f}", f"{100 * s['mBA']:.2f}"]
+        if name == "base @ 0.5":
+            cells += ["", ""]
+        else:
+            for metric, i in (("road IoU", 0), ("mBA", 1)):
+                gain, lo, hi = bootstrap_gain(base[i], (counts, boundary)[i], metric)
+                verdict = "" if lo > 0 or hi < 0 else ", no gain"
+                cells.append(f"{gain:+.2f} ({lo:+.2f} to {hi:+.2f}{verdict})")
+        print(f"| {name} | " + " | ".join(cells) + " |")
+
+
+def gain_record(
+    rows, row: str, sets: dict[str, SetScores], args, base_sha: str, prn_sha: str | None
+) -> dict:
+    """The :class:`geoprn.gain.ValidatedGain` of ``row`` over all places scored."""
+    base = rows["base @ 0.5"]
+    road = bootstrap_gain(base[0], rows[row][0], "road IoU")
+    mba = bootstrap_gain(base[1], rows[row][1], "mBA")
+    return {
+        "places": {f"{name} {args.split}": s.places for name, s in sets.items()},
+        "base_sha256": base_sha,
+        "prn_sha256": prn_sha,
+        "base_road_iou": round(100 * pooled(*base)["road IoU"], 3),
+        "refined_road_iou": round(100 * pooled(*rows[row])["road IoU"], 3),
+        "road_iou_gain": round(road[0], 3),
+        "road_iou_interval": (round(road[1], 3), round(road[2], 3)),
+        "mba_gain": round(mba[0], 3),
+        "mba_interval": (round(mba[1], 3), round(mba[2], 3)),
+        "measured_by": "python benchmarks/prn_accuracy.py " + shlex.join(sys.argv[1:]),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_probability_options(parser, "test")
+    parser.add_argument("--sets", default=",".join(SETS), help="comma-separated labelled sets")
     parser.add_argument(
         "--prn", action="append", help="repeatable (default: the shipped PRN); 'none': no PRN row"
     )
-    parser.add_argument("--patch", type=int, default=64, help="the oracle's patch with --prn none")
+    parser.add_argument("--rules", default="mean,union", help="PRN branch rules to score")
     parser.add_argument("--bpr", default=str(DEFAULT_BPR), help="'none' leaves the BPR rows out")
+    parser.add_argument(
+        "--record", action="store_true", help="store the gain over all places in the checkpoints"
+    )
     args = parser.parse_args()
     prns = [] if args.prn == ["none"] else args.prn or [str(DEFAULT_PRN)]
     if not prns and args.bpr != "none":
         parser.error("--prn none needs --bpr none (BPR runs after the first PRN)")
-    device = args.device = resolve_device(args.device)
+    if args.split != "test" and args.record:
+        parser.error("--record measures on test places only")
+    rules = args.rules.split(",")
+    args.device = resolve_device(args.device)
     started = time.perf_counter()
-    val, val_probs = labelled_probabilities(args, ["val"])
-    best_tau = max(
-        (float(t) for t in THRESHOLDS),
-        key=lambda t: scores([p > t for p in val_probs], val)["road IoU"],
-    )
-    test, probs = labelled_probabilities(args, [args.split])
-    names = [t.name for t in test]
-    patch = int(read_header(prns[0], "prn")["patch_size"]) if prns else args.patch
-    rows = {
-        "base @ 0.5": scores([p > 0.5 for p in probs], test),
-        f"base @ {best_tau:.2f} (best global on val)": scores([p > best_tau for p in probs], test),
-    }
-    for prn_path in prns:
-        refined = refined_probabilities(
-            probs, names, cache_path(args), prn_path, args.batch_size, device, args.precision
-        )
-        label = "PRN" if len(prns) == 1 else f"PRN {Path(prn_path).name}"
-        rows[f"base + {label} @ 0.5"] = scores([r > 0.5 for r in refined], test)
-    costs = []
-    if args.bpr != "none":
-        bpr, prn = (load_cached(str(Path(p).resolve()), file_sha256(p), str(device))
-                    for p in (args.bpr, prns[0]))  # fmt: skip
-        meta = bpr.geoprn_meta
-        for name, before in (("base + BPR", None), ("base + PRN + BPR", prn)):
-            model = BoundaryRefiner(bpr, before, meta["box"], meta["input_size"], meta["nms_iou"])
-            preds, seconds, boxes = timed_predictions(
-                model, probs, test, args.batch_size, device, args.precision
-            )
-            rows[f"{name} @ 0.5"] = scores([r > 0.5 for r in preds], test)
-            costs.append((name, seconds, boxes))
-    rows[f"patch-optimal oracle (P = {patch})"] = scores(
-        [oracle(p, t, patch) for p, t in zip(probs, test, strict=True)], test
-    )
+    with tempfile.TemporaryDirectory() as folder:
+        sets = {
+            name: SetScores(args, name, prns, rules, Path(folder)) for name in args.sets.split(",")
+        }
     print(
-        f"{args.dataset} {args.split} split, {len(test)} tiles; base {Path(args.base).name}, "
-        f"PRN {', '.join(Path(p).name for p in prns) or 'none'}, BPR {Path(args.bpr).name}; "
-        f"device {device}, "
-        f"{autocast_dtype(device, args.precision) or 'fp32'}; "
+        f"{args.split} places: "
+        + ", ".join(f"{name} {s.places}" for name, s in sets.items())
+        + f"; base {Path(args.base).name}, PRN {', '.join(Path(p).name for p in prns) or 'none'}"
+        f", BPR {Path(args.bpr).name}; device {args.device}, "
+        f"{autocast_dtype(args.device, args.precision) or 'fp32'}; "
         f"{time.perf_counter() - started:.0f} s"
     )
-    print("\n| | road IoU | mIoU | mBA |\n|---|---|---|---|")
-    for name, s in rows.items():
-        print(f"| {name} | " + " | ".join(f"{100 * v:.2f}" for v in s.values()) + " |")
-    km2 = sum(int(t.valid.sum()) for t in test) * 1e-6  # 1 m pixels
-    for name, seconds, boxes in costs:
-        print(
-            f"{name}: {boxes} BPR boxes on {km2:.2f} km² of imagery, {boxes / km2:.0f} boxes/km², "
-            f"{seconds / km2:.1f} s/km² for the refining stage on {device}"
-        )
+    for name, s in sets.items():
+        print_table(f"**{name}** ({s.places} places; tuned threshold {s.tau:.2f})", s.rows)
+    if all(name in sets for name in POOLED):
+        print_table(f"**{' + '.join(POOLED)}**", concat([sets[n] for n in POOLED]))
+    everything = concat(list(sets.values()))
+    if len(sets) > 1:
+        print_table(f"**all {len(sets)} sets**", everything)
+    for s in sets.values():
+        for name, seconds, boxes, km2 in s.bpr_seconds:
+            print(f"{name}: {boxes / km2:.0f} boxes/km², {seconds / km2:.1f} s/km² at 1 m")
+    if args.record and prns:
+        base_sha = file_sha256(args.base)
+        rule = read_header(prns[0], "prn")["arguments"].get("rule", "mean")
+        tag = "PRN" if len(prns) == 1 else f"PRN {Path(prns[0]).stem}"
+        record_gain(prns[0], gain_record(everything, f"base + {tag} ({rule})", sets, args,
+                                         base_sha, None))  # fmt: skip
+        print(f"recorded in {prns[0]}: `geoprn info {prns[0]}`")
+        if args.bpr != "none":
+            record_gain(args.bpr, gain_record(everything, "base + BPR", sets, args, base_sha,
+                                              None))  # fmt: skip
+            print(f"recorded in {args.bpr} (BPR right after the base model)")
 
 
 if __name__ == "__main__":

@@ -4,8 +4,10 @@ bf16 natively) against plain fp32 contiguous tensors.
 
 The last column is what ``train`` sizes its micro-batches by: the bytes autograd keeps for
 one crop's backward pass (``train`` allows 1.5 times that for the step's peak).
-Networks as the shipped configs build them (``base_unet_mnv2``, ``prn_p64``), random inputs
-of 512 px crops; the median of ``--repeats`` steps after one warm-up step, synchronised on CUDA.
+Networks as the configs build them (``base_unet_mnv2``, and ``prn_p64`` with the CPU-sized
+``prn_lite`` and ``prn_tiny``, or ``--prn-config``), with their GFLOP per 512 x 512 window
+(forward, both PRN branches), random inputs of 512 px crops; the median of ``--repeats`` steps
+after one warm-up step, synchronised on CUDA.
 
     python benchmarks/train_speed.py                           # CPU, batch 2
     python benchmarks/train_speed.py --device cuda --batch-size 8
@@ -22,7 +24,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from model_speed import median_seconds  # noqa: E402
+from model_speed import median_seconds, window_gflop  # noqa: E402
 
 from geoprn.inference import resolve_device
 from geoprn.models.base import build_base
@@ -53,17 +55,26 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=2)
     parser.add_argument("--crop", type=int, default=512)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument(
+        "--prn-config", action="append", help="PRN configs to time (default: p64, lite, tiny)"
+    )
     args = parser.parse_args()
     device = resolve_device(args.device)
-    base, prn = load_config("base_unet_mnv2"), load_config("prn_p64")
+    base = load_config("base_unet_mnv2")
     networks = {  # name: (build, input bands, forward giving the trained outputs)
         "base": (
             lambda: build_base(base["architecture"], base["arguments"]),
             3,
             lambda n, x: [n(x)],
         ),
-        "PRN": (lambda: PatchRefineNet(**prn["arguments"]), 1, lambda n, x: n.logits(x)),
     }
+    for name in args.prn_config or ["prn_p64", "prn_lite", "prn_tiny"]:
+        arguments = load_config(name)["arguments"]
+        networks[f"PRN {name}"] = (
+            lambda a=arguments: PatchRefineNet(**a),
+            1,
+            lambda n, x: n.logits(x),
+        )
     autocast, _ = mixed_precision(device)
     precision = str(getattr(autocast, "fast_dtype", "fp32")).replace("torch.", "")
     ways = {
@@ -75,8 +86,8 @@ def main() -> None:
         f"{args.crop} px crops; train runs: channels-last, {precision}"
     )
     header = " | ".join(f"{w} (s/crop)" for w in ways)
-    print(f"\n| model | {header} | speed-up | kept for backward (GB/crop) |")
-    print("|---|" + "---|" * (len(ways) + 2))
+    print(f"\n| model | GFLOP / window | {header} | speed-up | kept for backward (GB/crop) |")
+    print("|---|---|" + "---|" * (len(ways) + 2))
     for name, (build, bands, forward) in networks.items():
         seconds = []
         for context, channels_last in ways.values():
@@ -91,7 +102,8 @@ def main() -> None:
         with context:  # the last way's: as train runs it
             kept = saved_bytes(net, functools.partial(forward, net, x[:1])) / 1e9
         cells = " | ".join(f"{s:.3f}" for s in seconds)
-        print(f"| {name} | {cells} | {seconds[0] / seconds[-1]:.2f}x | {kept:.2f} |")
+        gflop = window_gflop(build(), bands)
+        print(f"| {name} | {gflop:.1f} | {cells} | {seconds[0] / seconds[-1]:.2f}x | {kept:.2f} |")
 
 
 if __name__ == "__main__":

@@ -6,8 +6,13 @@ import torch
 import torch.nn.functional as F
 
 
+def _fp32(t: torch.Tensor) -> torch.Tensor:
+    """At least float32 (bf16 autocast outputs are raised; float64 stays float64)."""
+    return t if t.dtype == torch.float64 else t.float()
+
+
 def _masked_mean(loss: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    valid = valid.float()
+    valid = _fp32(valid)
     return (loss * valid).sum() / valid.sum().clamp_min(1.0)
 
 
@@ -19,7 +24,7 @@ def masked_bce(logits: torch.Tensor, target: torch.Tensor, valid: torch.Tensor) 
         target: (N, 1, H, W) labels in {0, 1}.
         valid: (N, 1, H, W) weights, 1 for valid pixels and 0 for nodata.
     """
-    loss = F.binary_cross_entropy_with_logits(logits.float(), target.float(), reduction="none")
+    loss = F.binary_cross_entropy_with_logits(_fp32(logits), _fp32(target), reduction="none")
     return _masked_mean(loss, valid)
 
 
@@ -27,8 +32,8 @@ def masked_soft_dice(
     logits: torch.Tensor, target: torch.Tensor, valid: torch.Tensor, smooth: float = 1.0
 ) -> torch.Tensor:
     """Soft Dice loss (1 - Dice) of the road class, pooled over the valid pixels of the batch."""
-    prob = torch.sigmoid(logits.float()) * valid
-    target = target.float() * valid
+    prob = torch.sigmoid(_fp32(logits)) * valid
+    target = _fp32(target) * valid
     intersection = (prob * target).sum()
     return 1.0 - (2.0 * intersection + smooth) / (prob.sum() + target.sum() + smooth)
 
@@ -44,7 +49,7 @@ def masked_focal(
     logits: torch.Tensor, target: torch.Tensor, valid: torch.Tensor, gamma: float = 2.0
 ) -> torch.Tensor:
     """Focal loss (Lin et al. 2017) ``-(1 - p_t)^gamma log p_t``, averaged over valid pixels."""
-    logits, target = logits.float(), target.float()
+    logits, target = _fp32(logits), _fp32(target)
     bce = F.binary_cross_entropy_with_logits(logits, target, reduction="none")
     p_t = torch.exp(-bce)  # the probability given to the true class
     return _masked_mean((1.0 - p_t).pow(gamma) * bce, valid)
@@ -55,8 +60,8 @@ LAPLACIAN = torch.tensor([[0.0, 1.0, 0.0], [1.0, -4.0, 1.0], [0.0, 1.0, 0.0]]).v
 
 def edge_map(x: torch.Tensor) -> torch.Tensor:
     """``|tanh(Laplacian(x))|`` of (N, 1, H, W) maps, replicate-padded: 0 where x is flat."""
-    padded = F.pad(x.float(), (1, 1, 1, 1), mode="replicate")
-    return torch.tanh(F.conv2d(padded, LAPLACIAN.to(x.device))).abs()
+    padded = F.pad(_fp32(x), (1, 1, 1, 1), mode="replicate")
+    return torch.tanh(F.conv2d(padded, LAPLACIAN.to(x.device, padded.dtype))).abs()
 
 
 def masked_boundary(
@@ -66,7 +71,7 @@ def masked_boundary(
 
     The prediction's edge map is taken of its sigmoid, so it lies in [0, 1) like the target's.
     """
-    predicted = edge_map(torch.sigmoid(logits.float())).clamp(1e-6, 1.0 - 1e-6)
+    predicted = edge_map(torch.sigmoid(_fp32(logits))).clamp(1e-6, 1.0 - 1e-6)
     target_edges = edge_map(target)  # BCE written out: F.binary_cross_entropy refuses autocast
     loss = -(target_edges * predicted.log() + (1.0 - target_edges) * (1.0 - predicted).log())
     return _masked_mean(loss, valid)

@@ -32,6 +32,7 @@ from dask.callbacks import Callback
 from geoprn import store
 from geoprn.cluster import connect
 from geoprn.errors import GeoprnWarning, InputError
+from geoprn.gain import qualifies
 from geoprn.inference import (
     SharedWindows,
     WindowCache,
@@ -451,9 +452,9 @@ def refine(
     base: str | Path | None = None,
     prn: str | Path | None = None,
     probs: str | Path | None = None,
-    use_prn: bool = True,
+    use_prn: bool | None = None,
     bpr: str | Path | None = None,
-    use_bpr: bool = False,
+    use_bpr: bool | None = None,
     bands: list[int] | None = None,
     device: str = "auto",
     precision: str = "auto",
@@ -480,9 +481,11 @@ def refine(
         base: base checkpoint; the shipped default when None.
         prn: refiner checkpoint; the shipped default when None and one is shipped.
         probs: a probability raster on the scene's grid, refined instead of running ``base``.
-        use_prn: run PRN at all.
+        use_prn: run PRN at all; None (with ``use_bpr`` None): the default rule,
+            :func:`default_refiners`.
         bpr: Boundary Patch Refinement checkpoint; the shipped default when None.
-        use_bpr: run BPR on each window after PRN (or after the base model without PRN).
+        use_bpr: run BPR on each window after PRN (or after the base model without PRN);
+            None: the default rule.
         bands: 1-based scene bands to feed the base model (default: the checkpoint's).
         device: ``auto``, ``cpu`` or ``cuda[:N]``; resolved on each worker.
         precision: ``auto`` (bf16 where the device computes it natively), ``fp32`` or
@@ -636,9 +639,9 @@ def _plan(
     base: str | Path | None,
     prn: str | Path | None,
     probs: str | Path | None,
-    use_prn: bool,
+    use_prn: bool | None,
     bpr: str | Path | None,
-    use_bpr: bool,
+    use_bpr: bool | None,
     bands: list[int] | None,
     device: str,
     precision: str,
@@ -661,6 +664,8 @@ def _plan(
         base_ref = ModelRef.of(base)
     else:
         _check_probabilities(Path(probs), info)
+    if use_prn is None or use_bpr is None:
+        use_prn, use_bpr = default_refiners(prn, bpr, base_ref)
     bpr_ref = None
     if use_bpr:  # BPR reads the base model's bands (the image is read once)
         bpr = Path(bpr) if bpr is not None else DEFAULT_BPR
@@ -711,6 +716,47 @@ def _plan(
         compile,
         threshold=threshold,
     )
+
+
+def default_refiners(
+    prn: str | Path | None, bpr: str | Path | None, base: ModelRef | None
+) -> tuple[bool, bool]:
+    """Which refiners run when none is asked for by name (``--refiner auto``).
+
+    A checkpoint given by path runs: that is asking for it. A shipped one runs only if it
+    records a gain on held-out places above zero with its interval, measured after this very
+    base model (and, for BPR, after the PRN that runs or right after the base model):
+    :func:`geoprn.gain.qualifies`. When no refiner runs, says once where the mask comes from.
+    """
+    base_sha = base.sha256 if base is not None else None
+    reasons = []
+
+    def choose(given: str | Path | None, shipped: Path, kind: str, after: str | None) -> bool:
+        if given is not None:
+            return True
+        if not shipped.is_file():
+            reasons.append(f"no {kind.upper()} is shipped")
+            return False
+        header = read_header(shipped, kind)
+        ok, why = qualifies(header, base_sha)
+        if ok and (header["validated_gain"].get("prn_sha256") != after):
+            ok, why = False, "its gain was measured after another refiner chain"
+        if not ok:
+            reasons.append(f"{shipped.name}: {why}")
+        return ok
+
+    use_prn = choose(prn, DEFAULT_PRN, "prn", None)
+    prn_sha = ModelRef.of(prn or DEFAULT_PRN).sha256 if use_prn else None
+    use_bpr = choose(bpr, DEFAULT_BPR, "bpr", prn_sha)
+    if not use_prn and not use_bpr:
+        source = "base model" if base is not None else "given probabilities"
+        warnings.warn(
+            f"the mask comes from the {source}, unrefined: no shipped refiner has a validated "
+            f"gain for it ({'; '.join(reasons)}); --refiner prn runs PRN anyway",
+            GeoprnWarning,
+            stacklevel=3,
+        )
+    return use_prn, use_bpr
 
 
 def _model_bands(header: dict, path: Path, bands: list[int] | None, info: SceneInfo) -> list[int]:

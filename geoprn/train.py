@@ -340,6 +340,7 @@ def train_base(
     device: str = "auto",
     half: bool = False,
     progress: Progress | None = None,
+    init: str | Path | None = None,
 ) -> dict[str, Any]:
     """Train a base segmentation model and save its best weights as a geoprn checkpoint.
 
@@ -359,6 +360,8 @@ def train_base(
             autocast where the device computes bf16 natively (fp16 on older GPUs).
         half: store the final checkpoint's weights as float16 (shipped weights).
         progress: callback, see :data:`Progress`.
+        init: a base checkpoint of the config's network to start from (a later piece of a
+            long run, or fine-tuning on other places); its normalisation is kept.
 
     Returns:
         A summary: best_val_road_iou, best_epoch, epochs, steps, minutes, stopped (why), the
@@ -370,6 +373,7 @@ def train_base(
     """
     started = time.monotonic()
     out_path = Path(out_path)
+    init_meta = check_init(init, config, "base") if init is not None else None
     state = _open_state(out_path, resume, overwrite)
     device_ = resolve_device(device)
     train_pairs, val_pairs = _split(tiles, val_tiles, val_fraction, seed, config, state)
@@ -382,6 +386,8 @@ def train_base(
         raise InputError("the validation tiles hold no valid pixel (all nodata?)")
     if state is not None:
         mean, std = state["mean"], state["std"]
+    elif init_meta is not None:
+        mean, std = init_meta["mean"], init_meta["std"]
     else:
         mean, std = band_statistics(train_data)
 
@@ -400,6 +406,8 @@ def train_base(
     }
     torch.manual_seed(seed)
     model = Predictor(build_base(config["architecture"], config["arguments"]), meta)
+    if init is not None:
+        model.net.load_state_dict(load_model(init, "base").net.state_dict())
     dice_weight = float(config["dice_weight"])
 
     def loss(model: Predictor, batch: list[torch.Tensor]) -> torch.Tensor:
@@ -411,6 +419,8 @@ def train_base(
         return road_confusion(model, val_data, window, batch, autocast).road_iou
 
     split, trained_on = _trained_on(train_pairs, val_pairs, seed, config)
+    if init is not None:
+        trained_on["init"] = {"file": Path(init).name, "sha256": file_sha256(init)}
     length = int(config["steps_per_epoch"]) * int(config["batch_size"])
     run = _Run(
         model,
@@ -421,10 +431,13 @@ def train_base(
         split,
         trained_on,
         {"mean": mean, "std": std},
+        pretrained=init is not None,
     )
     return _fit(run, config, out_path, state, started, max_minutes, device_, half, progress)
 
 
+MAX_SKIPPED = 5
+"""Training stops with an error after this many steps in a row whose loss is not finite."""
 MEMORY_SHARE = 0.5
 """Share of the free memory (``GEOPRN_TRAIN_MEMORY_MB`` when set) one step's activations may use."""
 PEAK_PER_SAVED = 1.5
@@ -589,6 +602,7 @@ def _fit(
         stopped = "early_stopping"
     last_epoch_seconds = 0.0
     micro: int | None = None
+    skipped = 0
     while epoch < epochs and stopped == "epochs":
         epoch_start = time.monotonic()
         run.dataset.set_epoch(epoch)
@@ -603,15 +617,23 @@ def _fit(
             loss = accumulate_gradients(
                 lambda part: run.loss(model, part), batch, micro, autocast, scaler
             )
+            steps += 1
+            if not math.isfinite(float(loss)):  # skip the batch: its update would ruin the weights
+                skipped += 1
+                log.warning("step %d: the loss is %s, batch skipped", steps, float(loss))
+                if skipped >= MAX_SKIPPED:
+                    raise InputError(
+                        f"the loss was not finite in {skipped} steps in a row (last: step "
+                        f"{steps}); lower the lr"
+                    )
+                continue
+            skipped = 0
             if scaler is not None:
                 scaler.step(optimizer)
                 scaler.update()
             else:
                 optimizer.step()
-            steps += 1
             losses.append(float(loss))
-            if not math.isfinite(losses[-1]):
-                raise InputError(f"the loss became {losses[-1]} at step {steps}; lower the lr")
             notify("step", {"epoch": epoch + 1, "step": step + 1, "loss": losses[-1]})
         epoch += 1
         model.eval()
@@ -822,7 +844,7 @@ def _read_probability_raster(folder: Path, tile: LabelledTile) -> np.ndarray:
             raise InputError(f"{found[0]} is {ds.width}x{ds.height}, its tile is not")
         data = ds.read(1).astype(np.float32)
         scale = 255.0 if ds.dtypes[0] == "uint8" else 1.0
-    return np.nan_to_num(data / scale, nan=0.0)
+    return data / scale  # NaN stays: nodata, left out by train_prn
 
 
 def prn_tile(
@@ -854,14 +876,21 @@ def prn_tile(
     return LabelledTile(tile.name, probs[None], label, valid, pseudo)
 
 
-def check_init(init: str | Path, config: dict[str, Any]) -> None:
-    """Fail early unless checkpoint ``init`` is a PRN of the network ``config`` builds."""
-    have = read_header(init, "prn")["arguments"]
-    wanted = PatchRefineNet(**config["arguments"]).arguments
+def check_init(init: str | Path, config: dict[str, Any], kind: str = "prn") -> dict[str, Any]:
+    """Fail early unless checkpoint ``init`` is a ``kind`` model of the network ``config``
+    builds; returns its header."""
+    header = read_header(init, kind)
+    if kind == "prn":
+        have = {**PatchRefineNet(**header["arguments"]).arguments, "rule": None}
+        wanted = {**PatchRefineNet(**config["arguments"]).arguments, "rule": None}
+    else:
+        have = {"architecture": header["architecture"], **header["arguments"]}
+        wanted = {"architecture": config["architecture"], **config["arguments"]}
     if have != wanted:
         raise CheckpointError(
-            f"--init {init} is a PRN with {have}, the config builds one with {wanted}"
+            f"--init {init} is a {kind} with {have}, the config builds one with {wanted}"
         )
+    return header
 
 
 def pooled_road_iou(predictions: Sequence[np.ndarray], truths: Sequence[LabelledTile]) -> float:
@@ -922,6 +951,11 @@ def train_prn(
     probs = base_probabilities(
         loaded, _cache_path(out_path), base, probs_dir, int(config["val_batch"]), device_
     )
+    for tile, p in zip(loaded, probs, strict=True):  # NaN (refine's nodata) is nodata here too
+        finite = np.isfinite(p)
+        if not finite.all():
+            tile.valid &= finite
+            np.nan_to_num(p, copy=False, nan=0.0, posinf=0.0, neginf=0.0)
     patch = int(config["arguments"]["patch_size"])
     n_train = len(train_pairs)
     cache = _cache_path(out_path)

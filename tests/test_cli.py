@@ -207,7 +207,7 @@ def test_without_prn_weights_the_base_runs_alone_and_says_so_once(
     monkeypatch.setattr(geoprn.pipeline, "DEFAULT_PRN", tmp_path / "not_shipped.safetensors")
     result = run("refine", scene, "-o", tmp_path / "o", "--base", models["base"], "--device", "cpu")
     assert result.exit_code == 0
-    assert result.stderr.count("no PRN weights given or shipped: running the base model only") == 1
+    assert result.stderr.count("the mask comes from the base model") == 1
     assert json.loads((tmp_path / "o" / "scene_run.json").read_text())["inputs"]["prn"] is None
 
 

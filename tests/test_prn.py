@@ -154,3 +154,75 @@ def test_checkpoint_round_trip(tmp_path):
     torch.testing.assert_close(loaded, expected, rtol=0, atol=1e-6)
     for name, tensor in net.state_dict().items():
         assert torch.equal(model.net.state_dict()[name], tensor), name
+
+
+def window_gflop(net: PatchRefineNet) -> float:
+    """GFLOP of one 512 x 512 window (both branches), counted on the meta device."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    net = net.to("meta")
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        net.logits(torch.empty(1, 1, 512, 512, device="meta"))
+    return counter.get_total_flops() / 1e9
+
+
+def test_configs_set_width_and_recurrence_and_the_cpu_variants_are_cheaper():
+    from geoprn.train import load_config
+
+    paper = PatchRefineNet(**load_config("prn_p64")["arguments"])
+    assert (paper.channels, paper.recurrence) == ([32, 64, 128, 256], 2)
+    assert window_gflop(paper) == pytest.approx(481.3, abs=0.5)  # the figure DESIGN.md quotes
+    for name, widths in (("prn_lite", [16, 32, 64, 128]), ("prn_tiny", [8, 16, 32, 64])):
+        config = load_config(name)
+        net = PatchRefineNet(**config["arguments"])
+        assert net.channels == widths and net.recurrence == 1 and net.patch_size == 64
+        assert window_gflop(net) * 5 <= window_gflop(paper)
+        assert sum(p.numel() for p in net.parameters()) < 1e6
+
+
+def test_union_rule_is_the_authors_post_step_at_one_half():
+    from scipy.ndimage import binary_dilation
+
+    from geoprn.models.prn import union_rule
+
+    g, loc = probability_map(2, 64, 5), probability_map(2, 64, 6)
+    union = union_rule(g, loc) > 0.5
+    expected = [
+        (gi > 0.5) | binary_dilation((gi > 0.5) & (li > 0.5), structure=torch.ones(3, 3).numpy())
+        for gi, li in zip(g[:, 0].numpy(), loc[:, 0].numpy(), strict=True)
+    ]
+    assert (union[:, 0].numpy() == expected).all()
+    assert (union_rule(g, loc) >= g).all()  # never removes a road of the global branch
+
+
+def test_rule_changes_the_output_not_the_weights(tmp_path):
+    torch.manual_seed(3)
+    mean_net = PatchRefineNet(channels=(8, 16), patch_size=32, recurrence=0).eval()
+    union_net = PatchRefineNet(**{**mean_net.arguments, "rule": "union"}).eval()
+    union_net.load_state_dict(mean_net.state_dict())
+    x = probability_map(1, 64, 7)
+    g, loc = (torch.sigmoid(t) for t in mean_net.logits(x))
+    with torch.no_grad():
+        assert torch.allclose(mean_net(x), 0.5 * (g + loc))
+        assert not torch.allclose(union_net(x), mean_net(x))
+    with pytest.raises(ValueError, match="rule"):
+        PatchRefineNet(rule="max")
+    # a header written before the rule existed loads as the mean
+    old_arguments = {k: v for k, v in mean_net.arguments.items() if k != "rule"}
+    header = {"kind": "prn", "architecture": "PatchRefineNet", "bands": [1], "tile_size": 64}
+    header["arguments"] = old_arguments
+    path = save_checkpoint(mean_net, header, tmp_path / "old.safetensors")
+    assert load_model(path).net.rule == "mean"
+
+
+def test_input_skip_starts_as_the_identity_and_learns_a_correction():
+    torch.manual_seed(4)
+    net = PatchRefineNet(channels=(8, 16), patch_size=32, recurrence=0, input_skip=True)
+    x = probability_map(2, 64, 8).clamp(0.01, 0.99)
+    with torch.no_grad():
+        assert torch.allclose(net.eval()(x), x, atol=1e-5)
+    net.train()
+    global_logits, local_logits = net.logits(x)
+    (global_logits.mean() + local_logits.mean()).backward()
+    assert net.global_decoder.head.weight.grad.abs().sum() > 0
+    assert PatchRefineNet(**net.arguments).input_skip

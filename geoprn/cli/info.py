@@ -6,14 +6,29 @@ import json
 
 import click
 
+from geoprn.gain import ValidatedGain
 from geoprn.models.checkpoint import load_model
 
 
 @click.command()
 @click.argument("checkpoint", type=click.Path(dir_okay=False))
 def info(checkpoint: str) -> None:
-    """Print the JSON header of CHECKPOINT and its parameter count."""
+    """Print the JSON header of CHECKPOINT, its parameter count and, for a refiner, its
+    validated gain on held-out places (what decides whether `refine` runs it by default)."""
     model = load_model(checkpoint)
     header = dict(model.geoprn_meta)
     header["parameters"] = sum(p.numel() for p in model.net.parameters())
     click.echo(json.dumps(header, indent=2))
+    if header["kind"] == "base":
+        return
+    record = header.get("validated_gain")
+    if record is None:
+        click.echo(
+            "validated gain: none recorded (refine runs it only when asked by name)", err=True
+        )
+        return
+    gain = ValidatedGain.model_validate(record)
+    verdict = "a default refiner" if gain.positive else "not a default refiner: no gain"
+    click.echo(
+        f"validated gain: {gain.describe()}; {verdict} after base {gain.base_sha256[:12]}", err=True
+    )

@@ -50,11 +50,13 @@ def _bands(ctx: click.Context, param: click.Parameter, value: str | None) -> lis
 )
 @click.option(
     "--refiner",
-    type=click.Choice(["prn", "bpr", "prn+bpr", "none"]),
-    default="prn",
+    type=click.Choice(["auto", "prn", "bpr", "prn+bpr", "none"]),
+    default="auto",
     show_default=True,
     help="What refines the base probabilities: PatchRefineNet, Boundary Patch Refinement "
-    "(on each window, with the image), both in that order, or nothing.",
+    "(on each window, with the image), both in that order, or nothing. auto: each refiner "
+    "whose checkpoint records a gain above zero (90 %% interval) on held-out places for this "
+    "base model (`geoprn info` prints it); else the base model alone, said once.",
 )
 @click.option("--bpr", type=click.Path(dir_okay=False), help="BPR checkpoint (default: shipped).")
 @click.option("--no-prn", is_flag=True, help="Leave PRN out of --refiner (base model only).")
@@ -157,6 +159,7 @@ def refine(
     """
     from geoprn.pipeline import refine as run_refine  # Dask and Zarr load only when needed
 
+    auto = refiner == "auto" and not no_prn  # the default rule: validated refiners only
     bar = tqdm(unit="block", desc="refine", dynamic_ncols=True, disable=None)
     windows = 0
 
@@ -176,9 +179,9 @@ def refine(
             base=base,
             prn=prn,
             probs=probs,
-            use_prn="prn" in refiner and not no_prn,
+            use_prn=None if auto else "prn" in refiner and not no_prn,
             bpr=bpr,
-            use_bpr="bpr" in refiner,
+            use_bpr=None if auto else "bpr" in refiner,
             bands=bands,
             device=device,
             precision=precision,

@@ -132,6 +132,14 @@ def _run(trainer: Callable, desc: str, tiles, output, config: dict, **kwargs: An
     return summary
 
 
+INIT_OPTION = click.option(
+    "--init",
+    type=click.Path(dir_okay=False),
+    help="Start from this checkpoint's weights (a later piece of a long run, or fine-tuning "
+    "on your own labels) instead of random ones; same network as --config. They are "
+    "validated first and kept unless an epoch beats them.",
+)
+
 OVERRIDES = ("epochs", "steps_per_epoch", "batch_size", "crop", "road_width", "micro_batch")
 """Options that override a config setting of the same name."""
 
@@ -149,6 +157,7 @@ def train() -> None:
     help="Pixels whose bands all equal this value are nodata; 'none' turns that off "
     "(default: the config's).",
 )
+@INIT_OPTION
 def base(tiles, output, config_name, nodata, val_tiles, **options) -> None:
     """Train a base segmentation model on TILES and save its best weights to OUTPUT.
 
@@ -189,12 +198,7 @@ def base(tiles, output, config_name, nodata, val_tiles, **options) -> None:
     show_default=True,
     help="With --folds: the config of the fold base models.",
 )
-@click.option(
-    "--init",
-    type=click.Path(dir_okay=False),
-    help="Start from this PRN checkpoint's weights (fine-tune, e.g. the shipped PRN on your "
-    "own labels) instead of random ones; same network as --config.",
-)
+@INIT_OPTION
 @click.option(
     "--fold-workers",
     type=click.IntRange(min=1),

@@ -153,3 +153,27 @@ def file_sha256(path: str | Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def rewrite_header(path: str | Path, header: dict[str, Any], out: str | Path | None = None) -> Path:
+    """Write checkpoint ``path`` with a new header to ``out`` (default: in place, atomically);
+    the weights are kept as stored, bit for bit."""
+    out = Path(out or path)
+    with safe_open(str(path), framework="pt") as f:
+        tensors = {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118
+    tmp = out.with_name(out.name + ".tmp")
+    save_file(tensors, str(tmp), metadata={"geoprn": json.dumps(header)})
+    tmp.replace(out)
+    return out
+
+
+def record_gain(path: str | Path, gain: dict[str, Any]) -> Path:
+    """Store a refiner's validated gain (:class:`geoprn.gain.ValidatedGain`, as a dict) in
+    its header as ``validated_gain``."""
+    from geoprn.gain import ValidatedGain
+
+    header = read_header(path)
+    if header["kind"] == "base":
+        raise CheckpointError(f"{path} is a base model: only refiners carry a validated gain")
+    header["validated_gain"] = ValidatedGain.model_validate(gain).model_dump(mode="json")
+    return rewrite_header(path, header)

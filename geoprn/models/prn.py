@@ -22,8 +22,11 @@ than a single shared pass); parameters are unchanged, since the encoder weights 
 
 Modes:
     * train mode: ``forward(x)`` returns ``(global_logits, local_logits)``, both (N, 1, H, W);
-    * eval mode: ``forward(x)`` returns probabilities, the mean of the two sigmoid maps
-      (N, 1, H, W); the paper thresholds that at 0.5. PRN checkpoints therefore carry
+    * eval mode: ``forward(x)`` returns probabilities (N, 1, H, W) combined by the network's
+      ``rule``: ``"mean"``, the mean of the two sigmoid maps, which the paper thresholds at
+      0.5; or ``"union"``, the post-step the authors' released code reports its figures with,
+      global ∪ dilate₃ₓ₃(global ∩ local) (DESIGN.md), written as a map whose 0.5 threshold is
+      exactly that mask (:func:`union_rule`). PRN checkpoints therefore carry
       ``"output": "probability"`` in their header so that
       :class:`geoprn.models.predictor.Predictor` does not apply a second sigmoid.
     * :meth:`PatchRefineNet.logits` and :meth:`PatchRefineNet.predict` do the same in either
@@ -170,6 +173,18 @@ class Decoder(nn.Module):
         return self.head(x)
 
 
+RULES = ("mean", "union")
+"""How the two branches' probabilities make PRN's output (:meth:`PatchRefineNet.predict`)."""
+
+
+def union_rule(global_probs: torch.Tensor, local_probs: torch.Tensor) -> torch.Tensor:
+    """``max(g, maxpool3x3(min(g, l)))``: above 0.5 exactly where global > 0.5, or within one
+    pixel (8-connected) of a pixel where both branches are above 0.5: the authors' post-step
+    global ∪ dilate₃ₓ₃(global ∩ local), kept as a probability map so windows still blend."""
+    both = torch.minimum(global_probs, local_probs)
+    return torch.maximum(global_probs, F.max_pool2d(both, 3, stride=1, padding=1))
+
+
 def to_patches(x: torch.Tensor, patch_size: int) -> torch.Tensor:
     """(N, C, H, W) -> (N * H/P * W/P, C, P, P), patches in row-major order per image."""
     n, c, h, w = x.shape
@@ -197,6 +212,12 @@ class PatchRefineNet(nn.Module):
             ``2 ** (len(channels) - 1)``. Inputs must have H and W multiples of P.
         recurrence: t, the unrolled steps of each recurrent convolution unit.
         pool_bins: output sizes of the pyramid pooling module.
+        rule: how the branches combine in :meth:`predict`, one of :data:`RULES`; it changes
+            no weight, so a trained PRN may be given either.
+        input_skip: add the input's logit to each branch's logits, with the heads starting at
+            zero, so an untrained PRN returns its input and training learns a correction of
+            it (not in the paper; the CPU-sized configs use it: with a few CPU hours of
+            training a PRN learning the whole map from scratch first predicts no road).
 
     The constructor arguments are JSON-serialisable; :attr:`arguments` returns them as stored
     in a checkpoint header (``architecture: "PatchRefineNet"``, ``output: "probability"``).
@@ -209,6 +230,8 @@ class PatchRefineNet(nn.Module):
         patch_size: int = 64,
         recurrence: int = 2,
         pool_bins: Sequence[int] = (1, 2, 4, 8),
+        rule: str = "mean",
+        input_skip: bool = False,
     ):
         super().__init__()
         channels = [int(c) for c in channels]
@@ -220,6 +243,10 @@ class PatchRefineNet(nn.Module):
             raise ValueError(f"patch_size must be a positive multiple of {factor}: {patch_size}")
         if recurrence < 0 or not pool_bins or min(pool_bins) < 1:
             raise ValueError("recurrence must be >= 0 and pool_bins positive sizes")
+        if rule not in RULES:
+            raise ValueError(f"rule must be one of {RULES}, not {rule!r}")
+        self.rule = rule
+        self.input_skip = bool(input_skip)
         self.in_channels = int(in_channels)
         self.channels = channels
         self.patch_size = int(patch_size)
@@ -228,6 +255,10 @@ class PatchRefineNet(nn.Module):
         self.encoder = Encoder(self.in_channels, channels, self.recurrence, pool_bins)
         self.global_decoder = Decoder(channels, self.recurrence)
         self.local_decoder = Decoder(channels, self.recurrence)
+        if self.input_skip:
+            for head in (self.global_decoder.head, self.local_decoder.head):
+                nn.init.zeros_(head.weight)
+                nn.init.zeros_(head.bias)
 
     @property
     def arguments(self) -> dict[str, Any]:
@@ -238,6 +269,8 @@ class PatchRefineNet(nn.Module):
             "patch_size": self.patch_size,
             "recurrence": self.recurrence,
             "pool_bins": list(self.pool_bins),
+            "rule": self.rule,
+            "input_skip": self.input_skip,
         }
 
     def _check(self, x: torch.Tensor) -> None:
@@ -258,13 +291,20 @@ class PatchRefineNet(nn.Module):
         self._check(x)
         global_logits = self.global_decoder(self.encoder(x))
         patches = to_patches(x, self.patch_size)
-        local = self.local_decoder(self.encoder(patches))
-        return global_logits, from_patches(local, x.shape[-2], x.shape[-1])
+        local = from_patches(self.local_decoder(self.encoder(patches)), x.shape[-2], x.shape[-1])
+        if self.input_skip:  # each branch corrects the input's logits
+            prior = torch.logit(x[:, :1].float().clamp(1e-4, 1 - 1e-4)).to(local.dtype)
+            global_logits, local = global_logits + prior, local + prior
+        return global_logits, local
 
     def predict(self, x: torch.Tensor) -> torch.Tensor:
-        """Refined probabilities (N, 1, H, W): the mean of the two branches' sigmoids."""
+        """Refined probabilities (N, 1, H, W): the two branches' sigmoids combined by
+        ``rule`` (their mean, or :func:`union_rule`)."""
         global_logits, local_logits = self.logits(x)
-        return 0.5 * (torch.sigmoid(global_logits) + torch.sigmoid(local_logits))
+        global_probs, local_probs = torch.sigmoid(global_logits), torch.sigmoid(local_logits)
+        if self.rule == "union":
+            return union_rule(global_probs, local_probs)
+        return 0.5 * (global_probs + local_probs)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Train mode: ``(global_logits, local_logits)``; eval mode: probabilities."""

@@ -1,0 +1,143 @@
+"""Validated gains: the bootstrap over places, the record in a checkpoint, `geoprn info`, and
+the rule by which `refine` picks its default refiner."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import rasterio
+from click.testing import CliRunner
+from safetensors import safe_open
+
+from geoprn.cli.main import cli
+from geoprn.gain import ValidatedGain, bootstrap_gain, qualifies
+from geoprn.models.checkpoint import file_sha256, read_header, record_gain
+
+from .conftest import write_raster
+
+
+def counts(rng, n: int, tp_shift: int = 0) -> np.ndarray:
+    tp = rng.integers(500, 1000, n)
+    return np.stack([tp + tp_shift, rng.integers(100, 400, n), rng.integers(100, 400, n)], 1)
+
+
+def test_bootstrap_gain_is_paired_and_pooled():
+    rng = np.random.default_rng(0)
+    base = counts(rng, 40).astype(float)
+    assert bootstrap_gain(base, base) == (0.0, 0.0, 0.0)
+    better = base + [[50, -20, -20]]  # every place gains
+    gain, lo, hi = bootstrap_gain(base, better)
+    pooled = lambda c: c[:, 0].sum() / c.sum()  # noqa: E731
+    assert gain == pytest.approx(100 * (pooled(better) - pooled(base)))
+    assert 0 < lo < gain < hi
+    # half the places gain, half lose as much: the interval holds zero
+    mixed = base + np.where(np.arange(40)[:, None] % 2, [[60, 0, -60]], [[-60, 0, 60]])
+    _, lo, hi = bootstrap_gain(base, mixed)
+    assert lo < 0 < hi
+    with pytest.raises(ValueError):
+        bootstrap_gain(base, base[:3])
+
+
+def gain(base_sha: str, interval=(0.4, 1.6), prn_sha=None) -> dict:
+    return {
+        "places": {"massachusetts test": 5, "massachusetts_crops test": 41},
+        "base_sha256": base_sha,
+        "prn_sha256": prn_sha,
+        "base_road_iou": 60.0,
+        "refined_road_iou": 61.0,
+        "road_iou_gain": 1.0,
+        "road_iou_interval": interval,
+        "mba_gain": 0.5,
+        "mba_interval": (-0.1, 1.2),
+        "measured_by": "python benchmarks/prn_accuracy.py --record",
+    }
+
+
+def test_qualifies_only_a_positive_interval_for_the_same_base():
+    sha = "a" * 64
+    assert qualifies({}, sha) == (False, "no validated gain is recorded in it")
+    assert qualifies({"validated_gain": gain(sha)}, sha)[0]
+    assert not qualifies({"validated_gain": gain(sha)}, "b" * 64)[0]
+    assert not qualifies({"validated_gain": gain(sha)}, None)[0]  # refining given probabilities
+    ok, why = qualifies({"validated_gain": gain(sha, (-0.2, 1.6))}, sha)
+    assert not ok and "not above zero" in why
+
+
+def test_record_gain_keeps_the_weights_and_info_prints_it(models, tmp_path):
+    prn = tmp_path / "prn.safetensors"
+    prn.write_bytes(models["prn"].read_bytes())
+    base_sha = file_sha256(models["base"])
+    record_gain(prn, gain(base_sha))
+    assert ValidatedGain.model_validate(read_header(prn)["validated_gain"]).positive
+    with safe_open(str(models["prn"]), "pt") as a, safe_open(str(prn), "pt") as b:
+        assert sorted(a.keys()) == sorted(b.keys())
+        assert all((a.get_tensor(k) == b.get_tensor(k)).all() for k in a.keys())  # noqa: SIM118
+    result = CliRunner().invoke(cli, ["info", str(prn)])
+    assert result.exit_code == 0
+    assert json.loads(result.stdout)["validated_gain"]["road_iou_gain"] == 1.0  # stdout: JSON
+    assert "validated gain: +1.00 road IoU (90 % interval +0.40 to +1.60)" in result.stderr
+    assert "a default refiner" in result.stderr
+    with pytest.raises(Exception, match="base model"):
+        record_gain(models["base"], gain(base_sha))
+    bad = {**gain(base_sha), "road_iou_interval": "wide"}
+    with pytest.raises(ValueError):
+        record_gain(prn, bad)
+
+
+@pytest.fixture
+def shipped(models, tmp_path, monkeypatch):
+    """The test models put where refine looks for the shipped weights."""
+    import geoprn.pipeline as pipeline
+
+    paths = {}
+    for kind in ("prn", "bpr"):
+        paths[kind] = tmp_path / f"{kind}_default.safetensors"
+        paths[kind].write_bytes(models[kind].read_bytes())
+        monkeypatch.setattr(pipeline, f"DEFAULT_{kind.upper()}", paths[kind])
+    return paths
+
+
+def test_default_refiner_rule(models, shipped, tmp_path):
+    from geoprn.errors import GeoprnWarning
+    from geoprn.pipeline import ModelRef, default_refiners
+
+    base = ModelRef.of(models["base"])
+    with pytest.warns(GeoprnWarning, match="the mask comes from the base model"):
+        assert default_refiners(None, None, base) == (False, False)
+    assert default_refiners(models["prn"], None, base) == (True, False)  # asked for by path
+    record_gain(shipped["prn"], gain(base.sha256, (-0.3, 0.9)))  # no gain: still off
+    with pytest.warns(GeoprnWarning, match="not above zero"):
+        assert default_refiners(None, None, base) == (False, False)
+    record_gain(shipped["prn"], gain(base.sha256))
+    assert default_refiners(None, None, base)[0]
+    prn_sha = file_sha256(shipped["prn"])
+    record_gain(shipped["bpr"], gain(base.sha256))  # measured right after the base, not PRN
+    assert default_refiners(None, None, base) == (True, False)
+    record_gain(shipped["bpr"], gain(base.sha256, prn_sha=prn_sha))
+    assert default_refiners(None, None, base) == (True, True)
+    other = ModelRef.of(models["base1"])
+    with pytest.warns(GeoprnWarning, match="another base model"):
+        assert default_refiners(None, None, other) == (False, False)
+
+
+def test_refine_default_without_a_validated_refiner_writes_the_base_mask(models, shipped, tmp_path):
+    from .conftest import massachusetts_pixels
+
+    scene = write_raster(tmp_path / "scene.tif", massachusetts_pixels(300, 400))
+    run = lambda *a: CliRunner().invoke(cli, [str(x) for x in a])  # noqa: E731
+    common = ["--base", models["base"], "--device", "cpu", "--block-size", 512]
+    auto = run("refine", scene, "-o", tmp_path / "auto", *common)
+    assert auto.exit_code == 0, auto.output
+    assert auto.output.count("the mask comes from the base model") == 1
+    named = run("refine", scene, "-o", tmp_path / "prn", *common, "--refiner", "prn")
+    assert named.exit_code == 0 and "the mask comes from" not in named.output
+    plain = run("refine", scene, "-o", tmp_path / "none", *common, "--refiner", "none")
+    masks = {}
+    for name in ("auto", "prn", "none"):
+        with rasterio.open(tmp_path / name / "scene_mask.tif") as src:
+            masks[name] = src.read(1)
+    assert plain.exit_code == 0
+    assert (masks["auto"] == masks["none"]).all()
+    assert (masks["prn"] != masks["none"]).any()  # the random PRN does change the mask
