@@ -98,8 +98,10 @@ def main() -> None:
     if args.prn_config:
         prns = {}
         for name in args.prn_config:
-            net = PatchRefineNet(**load_config(name)["arguments"])
-            prns[f"PRN {name}"] = Predictor(net, {"output": "probability"}).to(device).eval()
+            config = load_config(name)
+            meta = {"bands": config["bands"], "output": "probability"}  # as train_prn writes
+            net = PatchRefineNet(**config["arguments"])
+            prns[f"PRN {name}"] = Predictor(net, meta).to(device).eval()
     bands = len(base.geoprn_meta["bands"])
     gflop = {"base": window_gflop(base, bands)}
     gflop.update({name: window_gflop(prn, 1) for name, prn in prns.items()})

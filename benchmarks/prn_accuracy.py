@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 
 from geoprn.data import discover_pairs, load_tiles
-from geoprn.gain import bootstrap_gain, boundary_arrays, place_counts
+from geoprn.gain import METRICS, bootstrap_gain, boundary_arrays, place_counts
 from geoprn.inference import PRECISIONS, autocast_dtype, predict_array, resolve_device
 from geoprn.metrics import BoundaryCounts, Confusion, evaluate
 from geoprn.models.bpr import BoundaryRefiner
@@ -152,10 +152,8 @@ def per_place(preds, tiles) -> tuple[np.ndarray, np.ndarray]:
 
 def pooled(counts: np.ndarray, boundary: np.ndarray) -> dict[str, float]:
     """Road IoU and mBA pooled over the places."""
-    tp, fp, fn = counts.sum(0)
-    ri, ru, bi, bu = boundary.sum(0)
-    bnd = BoundaryCounts(int(ri), int(ru), int(bi), int(bu))
-    return {"road IoU": tp / max(tp + fp + fn, 1), "mBA": bnd.mba}
+    return {"road IoU": float(METRICS["road IoU"](counts.sum(0))),
+            "mBA": float(METRICS["mBA"](boundary.sum(0)))}  # fmt: skip
 
 
 class SetScores:

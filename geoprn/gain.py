@@ -12,8 +12,9 @@ import datetime as dt
 from collections.abc import Sequence
 
 import numpy as np
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, ValidationError
 
+from geoprn.errors import CheckpointError
 from geoprn.metrics import BoundaryCounts, Confusion
 
 LEVEL = 0.9
@@ -58,6 +59,24 @@ class ValidatedGain(BaseModel):
         )
 
 
+def recorded_gain(header: dict) -> ValidatedGain | None:
+    """The validated gain a checkpoint header records, or None.
+
+    Raises:
+        CheckpointError: the header holds a malformed record.
+    """
+    record = header.get("validated_gain")
+    if record is None:
+        return None
+    try:
+        return ValidatedGain.model_validate(record)
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        where = ".".join(str(part) for part in error["loc"]) or "validated_gain"
+        message = f"malformed validated_gain in the header: {where}: {error['msg']}"
+        raise CheckpointError(message) from None
+
+
 def place_counts(confusions: Sequence[Confusion]) -> np.ndarray:
     """(n, 3) true positives, false positives, false negatives of each place."""
     return np.array([(c.tp, c.fp, c.fn) for c in confusions], dtype=np.float64)
@@ -83,6 +102,8 @@ def _mba(counts: np.ndarray) -> np.ndarray:
 
 
 METRICS = {"road IoU": _road_iou, "mBA": _mba}
+"""Each metric pooled from summed per-place counts (:func:`place_counts`,
+:func:`boundary_arrays`), vectorised over leading axes (one row per bootstrap draw)."""
 
 
 def bootstrap_gain(
@@ -125,10 +146,9 @@ def qualifies(header: dict, base_sha256: str | None) -> tuple[bool, str]:
     Returns:
         (yes or no, the reason in a few words).
     """
-    record = header.get("validated_gain")
-    if not record:
+    gain = recorded_gain(header)
+    if gain is None:
         return False, "no validated gain is recorded in it"
-    gain = ValidatedGain.model_validate(record)
     if base_sha256 is None or gain.base_sha256 != base_sha256:
         return False, "its gain was measured after another base model"
     lo, hi = gain.road_iou_interval

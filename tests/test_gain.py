@@ -86,6 +86,19 @@ def test_record_gain_keeps_the_weights_and_info_prints_it(models, tmp_path):
         record_gain(prn, bad)
 
 
+def test_a_malformed_record_is_one_line(models, tmp_path):
+    from geoprn.models.checkpoint import read_header, rewrite_header
+
+    prn = tmp_path / "prn.safetensors"
+    header = read_header(models["prn"])
+    header["validated_gain"] = {**gain("a" * 64), "road_iou_interval": "wide"}
+    rewrite_header(models["prn"], header, prn)
+    result = CliRunner().invoke(cli, ["info", str(prn)])
+    assert result.exit_code != 0 and "Traceback" not in result.output
+    assert "malformed validated_gain in the header: road_iou_interval" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
 @pytest.fixture
 def shipped(models, tmp_path, monkeypatch):
     """The test models put where refine looks for the shipped weights."""

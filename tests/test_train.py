@@ -54,7 +54,7 @@ SMALL = {
     "bands": [1, 2, 3],
     "gsd": 1.0,
     "nodata": 255,
-    "crop": 64,
+    "crop": 128,  # at 64 px the run learned no roads in 40 steps (val road IoU 0)
     "batch_size": 4,
     "lr": 3e-3,
     "epochs": 2,
@@ -162,6 +162,7 @@ def test_loss_falls(run, tiles, config):
         bce = [masked_bce(m.logits(image), label, valid) for m in (initial, trained)]
     assert after < 0.9 * before, (before, after)
     assert bce[1] < 0.5 * bce[0], bce
+    assert run["best_val_road_iou"] > 0.05, run["history"]  # it found roads on the held-out tile
 
 
 def test_max_minutes_then_resume_matches_straight_run(run, tiles, config, tmp_path):

@@ -6,7 +6,7 @@ import json
 
 import click
 
-from geoprn.gain import ValidatedGain
+from geoprn.gain import recorded_gain
 from geoprn.models.checkpoint import load_model
 
 
@@ -21,13 +21,12 @@ def info(checkpoint: str) -> None:
     click.echo(json.dumps(header, indent=2))
     if header["kind"] == "base":
         return
-    record = header.get("validated_gain")
-    if record is None:
+    gain = recorded_gain(header)
+    if gain is None:
         click.echo(
             "validated gain: none recorded (refine runs it only when asked by name)", err=True
         )
         return
-    gain = ValidatedGain.model_validate(record)
     verdict = "a default refiner" if gain.positive else "not a default refiner: no gain"
     click.echo(
         f"validated gain: {gain.describe()}; {verdict} after base {gain.base_sha256[:12]}", err=True
