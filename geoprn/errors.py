@@ -17,6 +17,10 @@ class OutputError(GeoprnError):
     """An output folder cannot be written, or holds outputs the command must not overwrite."""
 
 
+class WriteError(OutputError):
+    """An output file could not be written: disk full, quota, read-only file system, I/O error."""
+
+
 class CompileError(GeoprnError):
     """``torch.compile`` cannot compile a model here (no C++ compiler, no Triton...)."""
 

@@ -11,7 +11,7 @@ import contextlib
 import functools
 import threading
 from collections import OrderedDict
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 
 import numpy as np
@@ -33,15 +33,29 @@ from geoprn.tiling import (
 
 
 def resolve_device(device: str) -> torch.device:
-    """``auto`` picks the first CUDA GPU when there is one, else the CPU."""
+    """``auto`` picks the first CUDA GPU when there is one, else the CPU.
+
+    Raises:
+        InputError: not a device torch knows, one geoprn does not run on (``mps``, ``meta``...)
+            or a GPU this machine does not have.
+    """
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         resolved = torch.device(device)
-    except RuntimeError:
+    except (RuntimeError, TypeError, ValueError):
         raise InputError(f"unknown device '{device}' (use auto, cpu or cuda[:N])") from None
+    if resolved.type not in ("cpu", "cuda"):
+        raise InputError(
+            f"geoprn runs on the CPU or a CUDA GPU, not on '{device}' (use auto, cpu or cuda[:N])"
+        )
     if resolved.type == "cuda" and not torch.cuda.is_available():
         raise InputError(f"device '{device}' asked for, but this machine has no CUDA GPU")
+    if resolved.type == "cuda" and (resolved.index or 0) >= torch.cuda.device_count():
+        raise InputError(
+            f"device '{device}' asked for, but this machine has {torch.cuda.device_count()} "
+            "CUDA GPU(s), numbered from 0"
+        )
     return resolved
 
 
@@ -278,6 +292,7 @@ def predict_region(
     valid: np.ndarray | None = None,
     shared: SharedWindows | None = None,
     full_batches: bool = False,
+    on_batch: Callable[[int], None] | None = None,
 ) -> tuple[torch.Tensor, int]:
     """Run ``model`` on every grid window touching ``out_region`` and blend them, on the device
     ``source`` lies on: the result stays there, ready for the next stage.
@@ -299,6 +314,8 @@ def predict_region(
         shared: the cache of windows shared with other blocks; None: run every window.
         full_batches: pad every batch to ``batch_size`` windows (with zeros, dropped after):
             a compiled model then sees one input shape and compiles once.
+        on_batch: called with the number of windows of each forward pass once it has run
+            (a progress bar's ticks).
 
     Returns:
         The blended (H_out, W_out) float32 probabilities on the device (meaningless where no
@@ -326,6 +343,8 @@ def predict_region(
                     x = torch.cat([x, x.new_zeros((batch_size - len(batch), *x.shape[1:]))])
                 probs = model(x.contiguous(memory_format=torch.channels_last))[: len(batch)]
             computed = iter(probs[:, 0].float())
+            if on_batch is not None:
+                on_batch(len(batch))
         for y, x, prob in queue:
             if prob is None:
                 prob = next(computed)

@@ -9,15 +9,18 @@ COG and the quicklook are assembled from the pieces.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import itertools
 import json
 import logging
 import os
 import socket
+import threading
 import time
 import uuid
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -31,7 +34,8 @@ from dask.callbacks import Callback
 
 from geoprn import store
 from geoprn.cluster import connect
-from geoprn.errors import GeoprnWarning, InputError
+from geoprn.errors import GeoprnWarning, InputError, WriteError
+from geoprn.files import write_error, write_text
 from geoprn.gain import qualifies
 from geoprn.inference import (
     SharedWindows,
@@ -43,6 +47,7 @@ from geoprn.inference import (
     resolve_device,
     to_device,
     warm_up,
+    windows_run,
 )
 from geoprn.models.bpr import BoundaryRefiner
 from geoprn.models.checkpoint import (
@@ -155,10 +160,23 @@ class RunRecord:
 
 
 def _read_probabilities(ds: rasterio.DatasetReader, rows: Range, cols: Range) -> np.ndarray:
-    """A probability raster over a region as (1, H, W) float32 in [0, 1]; NaN becomes 0."""
-    data, _ = read_region(ds, [1], rows, cols)
+    """A probability raster over a region as (1, H, W) float32 in [0, 1]; nodata becomes 0.
+
+    Raises:
+        InputError: a valid pixel lies outside [0, 1] (uint8 rasters: 0-255, scaled).
+    """
+    data, valid = read_region(ds, [1], rows, cols)
     scale = 255.0 if ds.dtypes[0] == "uint8" else 1.0
-    return np.nan_to_num(data.astype(np.float32) / scale, nan=0.0)
+    values = data.astype(np.float32) / scale
+    values[:, ~valid] = 0.0
+    low, high = float(values.min()), float(values.max())
+    if low < 0 or high > 1:
+        raise InputError(
+            f"{ds.name} holds values from {low * scale:g} to {high * scale:g} near rows "
+            f"{rows[0]}-{rows[1]}, columns {cols[0]}-{cols[1]}: probabilities lie in [0, 1] "
+            "(or 0-255 as uint8)"
+        )
+    return np.nan_to_num(values, nan=0.0)
 
 
 @dataclass
@@ -176,8 +194,11 @@ class Prediction:
     """(H, W) bool, False at nodata."""
 
 
-def predict_stages(job: RefineJob, rows: Range, cols: Range) -> Prediction:
-    """Every stage's probabilities over work-grid pixels ``rows`` x ``cols``.
+def predict_stages(
+    job: RefineJob, rows: Range, cols: Range, on_windows: Callable[[int], None] | None = None
+) -> Prediction:
+    """Every stage's probabilities over work-grid pixels ``rows`` x ``cols``; ``on_windows``
+    is called with the windows of each forward pass as it runs.
 
     Each stage runs the windows touching the region the next stage needs (its halo), so the
     region's values are those of the scene-wide blend, whatever the region. A region without
@@ -244,6 +265,7 @@ def predict_stages(job: RefineJob, rows: Range, cols: Range) -> Prediction:
                 valid[inside],
                 stage_shared,
                 full_batches=job.compile,
+                on_batch=on_windows,
             )
             windows += count
             (oy0, oy1), (ox0, ox1) = out_region
@@ -306,9 +328,11 @@ def stage_model(refs: list[ModelRef], device: str, compiled: bool = False) -> to
     return BoundaryRefiner(models[-1], before, meta["box"], meta["input_size"], meta["nms_iou"])
 
 
-def process_block(job: RefineJob, block: Block) -> BlockResult:
+def process_block(
+    job: RefineJob, block: Block, on_windows: Callable[[int], None] | None = None
+) -> BlockResult:
     """Compute one block, write it to the store and its pieces of the mask and the quicklook
-    (runs on a Dask worker)."""
+    (runs on a Dask worker); ``on_windows`` as for :func:`predict_stages`."""
     started = time.perf_counter()
     grid = job.grid
     if grid.resampled:  # the models see the work grid; nodata is the scene's own pixels'
@@ -317,11 +341,11 @@ def process_block(job: RefineJob, block: Block) -> BlockResult:
         if not valid.any():
             return _finished(job, block, BlockResult(block.key, "skipped"))
         support = grid.support(block.rows), grid.support(block.cols)
-        work = predict_stages(job, *support)
+        work = predict_stages(job, *support, on_windows)
         probs = {n: grid.to_scene(v, block.rows, block.cols) for n, v in work.probabilities.items()}
         windows, image = work.windows, None
     else:  # validity comes with the models' read
-        prediction = predict_stages(job, block.rows, block.cols)
+        prediction = predict_stages(job, block.rows, block.cols, on_windows)
         valid = prediction.valid
         if not valid.any():
             return _finished(job, block, BlockResult(block.key, "skipped"))
@@ -355,7 +379,7 @@ def _write_pieces(
 
 def _finished(job: RefineJob, block: Block, result: BlockResult) -> BlockResult:
     """Mark ``block`` done in the store, recording ``result``."""
-    store.mark_done(job.paths, block, asdict(result))
+    store.mark_done(job.paths, block, asdict(result), job.variables)
     return result
 
 
@@ -414,14 +438,18 @@ def run_blocks(
     client: Client | None,
     report: Callable[[BlockResult], None],
     threads: int = 1,
+    on_windows: Callable[[int], None] | None = None,
 ) -> list[BlockResult]:
-    """Run the block tasks on the local threaded scheduler or on a ``distributed`` cluster."""
+    """Run the block tasks on the local threaded scheduler or on a ``distributed`` cluster.
+
+    ``on_windows`` is called with the windows run: after each forward pass on the local
+    scheduler, after each block on a cluster (whose workers cannot call back)."""
     run = uuid.uuid4().hex[:12]  # this run's task keys: a shared cluster may run others at once
     if client is None:
         ordered = serpentine(blocks)  # neighbours in a row, so shared windows are reused soonest
         tasks = [  # the local scheduler runs independent tasks in descending key order
             dask.delayed(process_block, pure=False)(
-                job, block, dask_key_name=f"block-{run}-{len(ordered) - i:07d}"
+                job, block, on_windows, dask_key_name=f"block-{run}-{len(ordered) - i:07d}"
             )
             for i, block in enumerate(ordered)
         ]
@@ -442,8 +470,24 @@ def run_blocks(
     results = []
     for future in as_completed(client.compute(tasks), loop=client.loop):
         results.append(future.result())
+        if on_windows is not None and results[-1].status == "computed":
+            on_windows(results[-1].windows)
         report(results[-1])
     return results
+
+
+def planned_windows(job: RefineJob, blocks: list[Block]) -> int:
+    """Windows ``blocks`` run, all stages, when run in order in one process with this
+    process's window cache; fewer where windows hold no valid pixel."""
+    grid = job.grid
+    origins = (
+        window_origins(grid.height, job.tile, job.overlap),
+        window_origins(grid.width, job.tile, job.overlap),
+    )
+    if grid.resampled:  # the blocks' regions on the work grid, as process_block asks them
+        blocks = [replace(b, rows=grid.support(b.rows), cols=grid.support(b.cols)) for b in blocks]
+    stages = len(job.stages)
+    return sum(windows_run(origins, serpentine(blocks), job.tile, stages, window_cache_bytes()))
 
 
 def refine(
@@ -472,6 +516,7 @@ def refine(
     simplify_m: float = 1.0,
     min_length_m: float = 10.0,
     progress: Callable[[int, int, BlockResult | None], None] | None = None,
+    on_windows: Callable[[int, int], None] | None = None,
 ) -> RunRecord:
     """Segment roads over a whole scene and write Zarr probabilities and a COG mask.
 
@@ -500,7 +545,7 @@ def refine(
         threads: blocks in flight on the local scheduler (default: :func:`local_threads`).
         threshold: probability above which a pixel is road in the mask.
         overwrite: replace outputs of a different command instead of refusing.
-        zarr_format: 2 (read by GDAL 3.10 with its CRS) or 3.
+        zarr_format: 2 (read by GDAL, with its CRS) or 3 (not by GDAL 3.10 or older).
         resample: ``auto`` runs the models on the scene resampled to their training GSD when
             the two differ by more than 1.5x (probabilities come back to the scene grid
             bilinearly); ``off`` runs them on the scene's own pixels.
@@ -508,6 +553,9 @@ def refine(
             simplified with ``simplify_m`` and without spurs shorter than ``min_length_m``.
         progress: called as ``progress(done, total, result)`` after each block, and once
             with ``(0, total, None)`` before the first.
+        on_windows: called as ``on_windows(run, planned)`` with the windows each forward pass
+            ran (each block on a cluster), and once with ``(0, planned)`` before the first:
+            ``planned`` is :func:`planned_windows`, an upper bound where windows are nodata.
 
     Returns:
         The run record, also written to ``<stem>_run.json``.
@@ -542,16 +590,32 @@ def refine(
         raise InputError(f"{info.path} has no CRS; road vectors need one (drop --vectors)")
     signature = _signature(job, zarr_format)
     # the scheduler first (a dead address changes nothing), then the outputs, held to the end
-    with connect(scheduler) as client, store.exclusive(job.paths):
+    with connect(scheduler) as client, store.exclusive(job.paths), _resumable(job.paths):
         resumed = store.prepare(job.paths, signature, overwrite)
         if not resumed:
             store.create(job.paths, info, job.variables, signature, zarr_format)
         blocks = block_grid(info.height, info.width, block_size)
+        repaired = _repair(job, blocks) if resumed else 0
         done_before = store.finished_blocks(job.paths)
         todo = [b for b in blocks if b.key not in done_before]
+        planned = planned_windows(job, todo)
         log.info(
-            "%d blocks: %d to compute, %d done before", len(blocks), len(todo), len(done_before)
+            "%d blocks of %d px: %d to compute (about %d windows of %d px), %d done before",
+            len(blocks),
+            block_size,
+            len(todo),
+            planned,
+            job.tile,
+            len(done_before),
         )
+        tick = None
+        if on_windows is not None:
+            on_windows(0, planned)
+            ticking = threading.Lock()  # block threads report at once
+
+            def tick(count: int) -> None:
+                with ticking:
+                    on_windows(count, planned)
 
         finished = itertools.count(1)
 
@@ -564,12 +628,21 @@ def refine(
 
         threads = threads or local_threads(device)
         job = replace(job, threads=threads)
-        results = run_blocks(job, todo, client, report, threads)
+        results = run_blocks(job, todo, client, report, threads, tick)
         computed = [r for r in results if r.status == "computed"]
         if not computed and not done_before and blocks:
             store.remove_outputs(job.paths)
             raise InputError(f"{info.path} has no valid pixels: every block is nodata")
         blocks_seconds = time.perf_counter() - started
+        windows = sum(r.windows for r in computed)
+        log.info(
+            "blocks: %.1f s, %d computed, %d skipped (nodata); %d windows, %.2f a second",
+            blocks_seconds,
+            len(computed),
+            len(results) - len(computed),
+            windows,
+            windows / max(blocks_seconds, 1e-9),
+        )
 
         pieces = _mask_pieces(job, blocks)
         with ThreadPoolExecutor(2) as pool:  # side by side: both only assemble pieces
@@ -586,12 +659,16 @@ def refine(
             ]
             for future in written:
                 future.result()
+        log.info("mask COG and quicklook: %.1f s", time.perf_counter() - started - blocks_seconds)
         outputs = {"zarr": job.paths.zarr, "mask": job.paths.mask, "quicklook": job.paths.quicklook}
         if vectors:
+            before = time.perf_counter()
             roads = extract_roads(
                 job.paths.zarr, threshold, job.variables[-1], simplify_m, min_length_m, block_size
             )
             outputs["roads"] = write_roads(roads, job.paths.roads, overwrite=True)
+            seconds = time.perf_counter() - before
+            log.info("road vectors: %.1f s, %d lines", seconds, len(roads.lines))
         record = RunRecord(
             inputs={
                 **signature,
@@ -604,16 +681,49 @@ def refine(
                 "computed": len(computed),
                 "skipped": sum(r.status == "skipped" for r in results),
                 "resumed": len(done_before),
+                "repaired": repaired,
             },
-            windows=sum(r.windows for r in computed),
+            windows=windows,
             seconds={
                 "blocks": round(blocks_seconds, 3),
                 "total": round(time.perf_counter() - started, 3),
             },
             outputs={name: str(path) for name, path in outputs.items()},
         )
-        job.paths.run_json.write_text(json.dumps(asdict(record), indent=1))
+        write_text(job.paths.run_json, json.dumps(asdict(record), indent=1))
     return record
+
+
+@contextlib.contextmanager
+def _resumable(paths: store.OutputPaths) -> Iterator[None]:
+    """Say, when a write fails (disk full...), that the run resumes: what was written is
+    whole, and the blocks done are marked so."""
+    try:
+        yield
+    except WriteError as exc:
+        raise WriteError(f"{exc}; run the same command again to resume") from None
+    except OSError as exc:  # a write no writer of ours named
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EIO):
+            raise
+        error = write_error(Path(exc.filename or paths.outdir), exc)
+        raise WriteError(f"{error}; run the same command again to resume") from None
+
+
+def _repair(job: RefineJob, blocks: list[Block]) -> int:
+    """Forget the finished blocks whose chunks in the store are no longer what they wrote
+    (:func:`geoprn.store.damaged_blocks`), so that they are computed again; return how many."""
+    finished = store.finished_blocks(job.paths)
+    damaged = store.damaged_blocks(job.paths, [b for b in blocks if b.key in finished])
+    for block in damaged:
+        store.forget(job.paths, block, job.variables)
+    if damaged:
+        warnings.warn(
+            f"{len(damaged)} finished block(s) no longer match what they wrote to "
+            f"{job.paths.zarr} (a chunk deleted or changed since): computing them again",
+            GeoprnWarning,
+            stacklevel=3,
+        )
+    return len(damaged)
 
 
 def _mask_pieces(job: RefineJob, blocks: list[Block]) -> list[tuple[Path, Range, Range]]:

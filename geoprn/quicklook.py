@@ -11,7 +11,6 @@ to right: the image, then one per probability variable (``base``, ``refined``).
 from __future__ import annotations
 
 import math
-import os
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
@@ -20,6 +19,7 @@ import numpy as np
 import rasterio
 from rasterio.errors import NotGeoreferencedWarning
 
+from geoprn.files import replacing
 from geoprn.tiling import Range
 
 GAP = 8
@@ -76,12 +76,13 @@ def sample_block(
 
 
 def save_piece(path: Path, piece: Mapping[str, np.ndarray]) -> None:
-    """Write a block's piece as ``path`` (``.npz``), complete or not at all."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    with open(tmp, "wb") as file:
+    """Write a block's piece as ``path`` (``.npz``), complete or not at all.
+
+    Raises:
+        WriteError: the file system refused the write (disk full...).
+    """
+    with replacing(path, ".tmp") as tmp, open(tmp, "wb") as file:
         np.savez(file, **piece)
-    os.replace(tmp, path)
 
 
 def write_quicklook(
@@ -129,9 +130,12 @@ def write_quicklook(
         x = i * (shape[1] + GAP)
         data[:, :, x : x + shape[1]] = np.moveaxis(np.rint(panel, out=panel), -1, 0)
     profile = {"driver": "PNG", "width": data.shape[2], "height": data.shape[1], "count": 3}
-    with warnings.catch_warnings():
+    with replacing(path, ".part.png") as tmp, warnings.catch_warnings():
         warnings.simplefilter("ignore", NotGeoreferencedWarning)
-        with rasterio.open(path, "w", dtype="uint8", **profile) as dst:
-            dst.write(data)
+        try:
+            with rasterio.open(tmp, "w", dtype="uint8", **profile) as dst:
+                dst.write(data)
+        finally:
+            tmp.with_name(tmp.name + ".aux.xml").unlink(missing_ok=True)
     path.with_name(path.name + ".aux.xml").unlink(missing_ok=True)
     return path

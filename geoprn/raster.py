@@ -24,6 +24,7 @@ from rasterio.vrt import WarpedVRT
 from rasterio.windows import Window
 
 from geoprn.errors import GeoprnWarning, InputError
+from geoprn.files import replacing
 from geoprn.tiling import Range
 
 log = logging.getLogger(__name__)
@@ -50,6 +51,9 @@ class SceneInfo:
     crs: Any
     transform: Any
     nodata: float | None
+    has_transform: bool = True
+    """False when the raster has no geotransform (``transform`` is then rasterio's identity
+    stand-in, which the outputs do not carry)."""
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -111,6 +115,7 @@ def open_scene(path: str | Path) -> SceneInfo:
                     crs=ds.crs,
                     transform=ds.transform,
                     nodata=ds.nodata,
+                    has_transform=has_geotransform(ds),
                 )
                 _check_complete(ds, path)
     except RasterioError as exc:
@@ -124,6 +129,18 @@ def open_scene(path: str | Path) -> SceneInfo:
             f"{path} has no CRS; outputs will carry none either", GeoprnWarning, stacklevel=2
         )
     return info
+
+
+def has_geotransform(ds: rasterio.DatasetReader) -> bool:
+    """Whether GDAL found a geotransform in ``ds``: rasterio returns the identity matrix in
+    place of a missing one (warning when there are no GCPs or RPCs either)."""
+    if not ds.transform.is_identity:
+        return True
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", NotGeoreferencedWarning)
+        ds.read_transform()
+    missing = any(issubclass(w.category, NotGeoreferencedWarning) for w in caught)
+    return not (missing or ds.gcps[0] or ds.rpcs)
 
 
 def _check_complete(ds: rasterio.DatasetReader, path: Path) -> None:
@@ -220,11 +237,20 @@ def read_region(
     Returns:
         ``(data, valid)``: data (C, H, W) in the raster's dtype (None without bands), and
         valid (H, W) bool from the dataset mask (nodata value, alpha band or internal mask).
+        In a floating-point raster a pixel NaN or infinite in any band is nodata too, declared
+        or not, and reads as 0: it would otherwise spread through every window it falls in.
     """
     try:
         valid = mirrored(lambda w: ds.dataset_mask(window=w) > 0, rows, cols, ds.height, ds.width)
         data = None
-        if bands is not None:
+        if np.dtype(ds.dtypes[0]).kind == "f":
+            every = mirrored(lambda w: ds.read(window=w), rows, cols, ds.height, ds.width)
+            finite = np.isfinite(every).all(axis=0)
+            valid &= finite
+            if bands is not None:
+                data = every[[b - 1 for b in bands]]
+                data[:, ~finite] = 0
+        elif bands is not None:
             data = mirrored(lambda w: ds.read(bands, window=w), rows, cols, ds.height, ds.width)
     except RasterioError as exc:
         raise InputError(f"cannot read {rows} x {cols} of {ds.name}: {_first_line(exc)}") from None
@@ -283,13 +309,10 @@ def write_mask_piece(path: Path, probabilities: np.ndarray, threshold: float) ->
     """Write a block's part of the mask (:func:`road_mask` of its probabilities) as
     ``path``, complete or not at all; :func:`write_mask_cog` assembles the pieces."""
     mask = road_mask(probabilities, threshold)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".part")
-    with warnings.catch_warnings():
+    with replacing(path) as tmp, warnings.catch_warnings():
         warnings.simplefilter("ignore", NotGeoreferencedWarning)
         with rasterio.open(tmp, "w", **_mask_profile(*mask.shape)) as dst:
             dst.write(mask, 1)
-    tmp.replace(path)
 
 
 def write_mask_cog(
@@ -299,37 +322,40 @@ def write_mask_cog(
 
     Each piece is a file and the rows and columns of the scene it covers; pixels no piece
     covers are nodata (255). The pieces are copied into a temporary GeoTIFF, which is then
-    copied into a COG with overviews and moved into place only when complete.
+    copied into a COG with overviews and moved into place only when complete; neither
+    temporary file is left behind, whatever happens.
+
+    Raises:
+        WriteError: the file system refused a write (disk full...).
     """
     tmp = path.with_name(path.name + ".part.tif")
-    profile = {
-        **_mask_profile(scene.height, scene.width, chunk),
-        "crs": scene.crs,
-        "transform": scene.transform,
-    }
+    profile = {**_mask_profile(scene.height, scene.width, chunk), "crs": scene.crs}
+    if scene.has_transform:  # none made up: rasterio would write its identity stand-in
+        profile["transform"] = scene.transform
 
     def read_piece(piece: Path) -> np.ndarray:
         with rasterio.open(piece) as src:
             return src.read(1)
 
-    with warnings.catch_warnings():
+    with replacing(path) as final, warnings.catch_warnings():
         warnings.simplefilter("ignore", NotGeoreferencedWarning)
-        with rasterio.open(tmp, "w", **profile) as dst:
-            files = [file for file, _, _ in pieces]
-            for (_, rows, cols), mask in zip(pieces, read_ahead(read_piece, files), strict=True):
-                dst.write(mask, 1, window=Window(cols[0], rows[0], *mask.shape[::-1]))
-        final = path.with_name(path.name + ".part")
-        rasterio.shutil.copy(
-            tmp,
-            final,
-            driver="COG",
-            compress="deflate",
-            blocksize=chunk,
-            overview_resampling="nearest",
-            num_threads=GDAL_THREADS,
-        )
-    tmp.unlink()
-    final.replace(path)
+        try:
+            with rasterio.open(tmp, "w", **profile) as dst:
+                files = [file for file, _, _ in pieces]
+                pixels = read_ahead(read_piece, files)
+                for (_, rows, cols), mask in zip(pieces, pixels, strict=True):
+                    dst.write(mask, 1, window=Window(cols[0], rows[0], *mask.shape[::-1]))
+            rasterio.shutil.copy(
+                tmp,
+                final,
+                driver="COG",
+                compress="deflate",
+                blocksize=chunk,
+                overview_resampling="nearest",
+                num_threads=GDAL_THREADS,
+            )
+        finally:
+            tmp.unlink(missing_ok=True)
 
 
 RESAMPLE_BEYOND = 1.5

@@ -8,12 +8,16 @@ Layout of ``OUTDIR`` for a scene ``<stem>``::
     <stem>_roads.gpkg    road centrelines (``refine --vectors``)
     <stem>_run.json      what ran, on what, how long
     .<stem>.geoprn/      run state: signature.json, done/<row>_<col> markers (each block
-                         task's result, JSON) and the blocks' pieces of the mask and the
-                         quicklook, mask/<row>_<col>.tif and quicklook/<row>_<col>.npz
+                         task's result and the store chunks it wrote with their SHA-256,
+                         JSON) and the blocks' pieces of the mask and the quicklook,
+                         mask/<row>_<col>.tif and quicklook/<row>_<col>.npz
     .<stem>.lock         exists, locked, while a run writes these outputs
 
-A block's marker is written only after its data and pieces are, so a run killed at any point
-resumes by computing the blocks without a marker. A different command on the same outputs
+A run writes its signature first, then the empty store, then ``done/``, which says the store
+is complete; a block's marker is written only after its data and pieces are. So a run killed
+at any point resumes by the same command: a store left incomplete is made again, and only the
+blocks without a marker are computed, or whose chunks are no longer what their marker records
+(deleted or changed since: :func:`damaged_blocks`). A different command on the same outputs
 is refused unless the caller asks to overwrite, and so is any run while another one writes them.
 """
 
@@ -21,10 +25,12 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import json
 import os
 import shutil
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,9 +41,11 @@ import rioxarray  # noqa: F401  (registers the .rio accessor)
 import xarray as xr
 import zarr
 from numcodecs import Blosc
+from rasterio.crs import CRS
 from zarr.codecs import BloscCodec
 
 from geoprn.errors import OutputError
+from geoprn.files import write_text, writing
 from geoprn.raster import SceneInfo
 from geoprn.tiling import Block
 
@@ -154,16 +162,19 @@ def prepare(paths: OutputPaths, signature: dict[str, Any], overwrite: bool) -> b
             and ``overwrite`` is false.
     """
     existing = [p for p in paths.outputs() if p.exists()]
-    if overwrite:
-        remove_outputs(paths)
+    if overwrite or existing == [paths.state] and _nothing_recorded(paths):
+        remove_outputs(paths)  # (or a run killed before it recorded its signature)
         return False
     if not existing:
         return False
     signature_file = paths.state / "signature.json"
     if signature_file.is_file():
-        previous = json.loads(signature_file.read_text())
-        if previous == signature:
+        previous = _read_signature(signature_file)
+        if previous == signature and paths.done.is_dir():
             return True
+        if previous == signature:  # killed while creating the store: make it again
+            remove_outputs(paths)
+            return False
         changed = sorted(
             k for k in signature.keys() | previous.keys() if signature.get(k) != previous.get(k)
         )
@@ -175,6 +186,30 @@ def prepare(paths: OutputPaths, signature: dict[str, Any], overwrite: bool) -> b
     raise OutputError(f"{paths.outdir} already holds {names}; use --overwrite to replace them")
 
 
+def _nothing_recorded(paths: OutputPaths) -> bool:
+    """Whether the run state folder holds nothing but a signature being written: what a run
+    killed before its signature was complete leaves."""
+    return {p.name for p in paths.state.iterdir()} <= {"signature.json.tmp"}
+
+
+def _read_signature(path: Path) -> dict[str, Any]:
+    """The signature a run recorded (:func:`create`).
+
+    Raises:
+        OutputError: it is not a JSON object (a damaged or foreign file).
+    """
+    try:
+        previous = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        previous = exc
+    if not isinstance(previous, dict):
+        raise OutputError(
+            f"{path} is damaged (not the JSON object a run records), so these outputs cannot "
+            "be resumed; use --overwrite to replace them"
+        )
+    return previous
+
+
 def remove_outputs(paths: OutputPaths) -> None:
     """Delete this scene's outputs (and nothing else in the folder)."""
     for path in paths.outputs():
@@ -184,6 +219,51 @@ def remove_outputs(paths: OutputPaths) -> None:
             path.unlink(missing_ok=True)
 
 
+def gdal_crs(crs: CRS) -> dict[str, Any]:
+    """The ``_CRS`` attribute GDAL's Zarr driver reads from an array (every GDAL with the
+    driver, 3.4 on; CF ``grid_mapping`` only from 3.9): WKT2, PROJJSON and, for an EPSG CRS,
+    its OGC URL, the keys GDAL itself writes."""
+    value: dict[str, Any] = {
+        "wkt": crs.to_wkt(version="WKT2_2019"),
+        "projjson": crs.to_dict(projjson=True),
+    }
+    code = crs.to_epsg(confidence_threshold=100)
+    if code is not None:
+        value["url"] = f"http://www.opengis.net/def/crs/EPSG/0/{code}"
+    return value
+
+
+def _dataset(scene: SceneInfo, variables: list[str]) -> xr.Dataset:
+    """The scene's empty probability variables, georeferenced as GIS clients read it.
+
+    x/y hold pixel-centre coordinates with their CF ``units``, ``standard_name`` and ``axis``
+    (rioxarray's ``write_coordinate_system``), ``spatial_ref`` the CF grid mapping and
+    transform (read by rioxarray and GDAL 3.9 on), and each variable GDAL's ``_CRS``
+    attribute (read by GDAL 3.4 on). A scene without a geotransform gets no coordinates and no
+    transform, and one without a CRS no CRS: nothing is made up.
+    """
+    empty = da.full(scene.shape, np.nan, dtype="float32", chunks=CHUNK)
+    ds = xr.Dataset({name: (("y", "x"), empty) for name in variables})
+    if scene.has_transform:
+        transform = scene.transform
+        ds = ds.assign_coords(
+            x=transform.c + transform.a * (np.arange(scene.width) + 0.5),
+            y=transform.f + transform.e * (np.arange(scene.height) + 0.5),
+        )
+    if scene.crs is not None:
+        ds = ds.rio.write_crs(scene.crs)
+    if scene.has_transform:  # (without a CRS, the coordinates get their axis only)
+        ds = ds.rio.write_transform(scene.transform).rio.write_coordinate_system()
+    for name in variables:
+        ds[name].encoding.pop("grid_mapping", None)
+        ds[name].attrs["long_name"] = f"{name} road probability"
+        if "spatial_ref" in ds.coords:
+            ds[name].attrs["grid_mapping"] = "spatial_ref"
+        if scene.crs is not None:
+            ds[name].attrs["_CRS"] = gdal_crs(scene.crs)
+    return ds
+
+
 def create(
     paths: OutputPaths,
     scene: SceneInfo,
@@ -191,23 +271,18 @@ def create(
     signature: dict[str, Any],
     zarr_format: int = 2,
 ) -> None:
-    """Create the empty, georeferenced store (metadata and coordinates only) and run state.
+    """Create the run state and the empty, georeferenced store (metadata and coordinates only).
 
-    Data chunks are not written: unwritten chunks read as NaN. xarray writes the CF
-    ``spatial_ref`` grid mapping (via rioxarray), which both ``xarray.open_zarr`` +
-    rioxarray and GDAL's Zarr driver read back.
+    Data chunks are not written: unwritten chunks read as NaN. See :func:`_dataset` for the
+    georeferencing. The signature is written first and ``done/`` last, so that a run killed
+    in between is recognised and its store made again (:func:`prepare`).
+
+    Raises:
+        WriteError: the file system refused a write (disk full...).
     """
-    transform = scene.transform
-    xs = transform.c + transform.a * (np.arange(scene.width) + 0.5)
-    ys = transform.f + transform.e * (np.arange(scene.height) + 0.5)
-    empty = da.full(scene.shape, np.nan, dtype="float32", chunks=CHUNK)
-    ds = xr.Dataset({name: (("y", "x"), empty) for name in variables}, coords={"x": xs, "y": ys})
-    if scene.crs is not None:
-        ds = ds.rio.write_crs(scene.crs)
-    ds = ds.rio.write_transform(transform)
-    for name in variables:
-        ds[name].encoding.pop("grid_mapping", None)
-        ds[name].attrs.update(grid_mapping="spatial_ref", long_name=f"{name} road probability")
+    paths.state.mkdir(parents=True, exist_ok=True)
+    write_text(paths.state / "signature.json", json.dumps(signature, indent=1, sort_keys=True))
+    ds = _dataset(scene, variables)
     encoding = {
         name: {
             "chunks": (CHUNK, CHUNK),
@@ -216,25 +291,104 @@ def create(
         }
         for name in variables
     }
-    ds.to_zarr(paths.zarr, mode="w", compute=False, zarr_format=zarr_format, encoding=encoding)
+    with writing(paths.zarr):
+        ds.to_zarr(paths.zarr, mode="w", compute=False, zarr_format=zarr_format, encoding=encoding)
     paths.done.mkdir(parents=True, exist_ok=True)
-    (paths.state / "signature.json").write_text(json.dumps(signature, indent=1, sort_keys=True))
 
 
 def write_block(paths: OutputPaths, block: Block, arrays: dict[str, np.ndarray]) -> None:
-    """Write one block's arrays into the store (:func:`mark_done` records it finished)."""
+    """Write one block's arrays into the store (:func:`mark_done` records it finished); zarr
+    writes each chunk whole or not at all.
+
+    Raises:
+        WriteError: the file system refused a write (disk full...).
+    """
     rows, cols = slice(*block.rows), slice(*block.cols)
     for name, values in arrays.items():
-        zarr.open_array(paths.zarr / name, mode="r+")[rows, cols] = values
+        with writing(paths.zarr / name):
+            zarr.open_array(paths.zarr / name, mode="r+")[rows, cols] = values
 
 
-def mark_done(paths: OutputPaths, block: Block, result: dict[str, Any]) -> None:
+def mark_done(
+    paths: OutputPaths, block: Block, result: dict[str, Any], variables: list[str]
+) -> None:
     """Record that a block is finished, with what its task returned (``status``: computed or
-    skipped), atomically."""
-    marker = paths.done / block.key
-    tmp = marker.with_suffix(".tmp")
-    tmp.write_text(json.dumps(result))
-    tmp.replace(marker)
+    skipped) and the chunks of ``variables`` it left in the store (:func:`block_chunks`),
+    atomically.
+
+    Raises:
+        WriteError: the file system refused the write (disk full...).
+    """
+    chunks = block_chunks(paths, block, variables)
+    write_text(paths.done / block.key, json.dumps({**result, "chunks": chunks}))
+
+
+def block_chunks(paths: OutputPaths, block: Block, variables: list[str]) -> dict[str, str | None]:
+    """The store's chunks of ``block`` (blocks are whole chunks), each key
+    (``<variable>/<chunk key>``, as zarr names it in the store) with the SHA-256 of its stored
+    bytes, or None where there is no chunk (never written, or all nodata: it reads as NaN)."""
+    return {key: _digest(paths.zarr / key) for key in _chunk_keys(paths, block, variables)}
+
+
+def _chunk_keys(paths: OutputPaths, block: Block, variables: list[str]) -> list[str]:
+    """The keys of ``block``'s chunks of ``variables`` in the store, as zarr names them."""
+    (r0, r1), (c0, c1) = block.rows, block.cols
+    indices = [
+        (i, j)
+        for i in range(r0 // CHUNK, -(-r1 // CHUNK))
+        for j in range(c0 // CHUNK, -(-c1 // CHUNK))
+    ]
+    keys = []
+    for name in variables:
+        metadata = zarr.open_array(paths.zarr / name, mode="r").metadata
+        keys += [f"{name}/{metadata.encode_chunk_key(index)}" for index in indices]
+    return keys
+
+
+def _digest(path: Path) -> str | None:
+    """SHA-256 of a file's bytes (a stored chunk, compressed as it is), None when absent."""
+    try:
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+    except FileNotFoundError:
+        return None
+
+
+def _recorded_chunks(paths: OutputPaths, block: Block) -> dict[str, str | None] | None:
+    """The chunks a finished block's marker records, or None (no marker, or one of an
+    earlier version, which records none)."""
+    try:
+        recorded = json.loads((paths.done / block.key).read_text())
+    except (FileNotFoundError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    chunks = recorded.get("chunks") if isinstance(recorded, dict) else None
+    return chunks if isinstance(chunks, dict) else None
+
+
+def damaged_blocks(paths: OutputPaths, blocks: list[Block]) -> list[Block]:
+    """The finished ``blocks`` whose chunks in the store are no longer what their markers
+    record: a chunk deleted, changed, or present where the block left none. Reads each
+    recorded chunk's stored bytes once (no decompression); blocks whose markers record no
+    chunks (earlier versions) are trusted."""
+
+    def damaged(block: Block) -> bool:
+        chunks = _recorded_chunks(paths, block)
+        return chunks is not None and any(
+            _digest(paths.zarr / key) != digest for key, digest in chunks.items()
+        )
+
+    with ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:  # hashing frees the GIL
+        return [b for b, bad in zip(blocks, pool.map(damaged, blocks), strict=True) if bad]
+
+
+def forget(paths: OutputPaths, block: Block, variables: list[str]) -> None:
+    """Undo a finished block, so that the next run computes it again: remove its marker, its
+    chunks of ``variables`` (damaged ones included) and its pieces of the mask and the
+    quicklook."""
+    (paths.done / block.key).unlink(missing_ok=True)
+    for key in _chunk_keys(paths, block, variables):
+        (paths.zarr / key).unlink(missing_ok=True)
+    paths.mask_piece(block).unlink(missing_ok=True)
+    paths.quicklook_piece(block).unlink(missing_ok=True)
 
 
 def finished_blocks(paths: OutputPaths) -> set[str]:
@@ -252,9 +406,11 @@ def done_result(paths: OutputPaths, block: Block) -> dict[str, Any] | None:
     except FileNotFoundError:
         return None
     try:
-        return json.loads(text)
+        recorded = json.loads(text)
     except json.JSONDecodeError:  # a marker of an earlier version: its status only
         return {"key": block.key, "status": text}
+    recorded.pop("chunks", None)  # what the block wrote, not what its task returned
+    return recorded
 
 
 def open_variable(paths: OutputPaths, name: str) -> zarr.Array:

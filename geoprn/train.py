@@ -52,6 +52,7 @@ from geoprn.models.checkpoint import (
 from geoprn.models.predictor import Predictor
 from geoprn.models.prn import PatchRefineNet
 from geoprn.pseudo_labels import patch_optimal_labels
+from geoprn.train_state import read_state, restore
 
 log = logging.getLogger(__name__)
 
@@ -243,8 +244,11 @@ class _Run:
     epoch and kept as the best unless an epoch beats them."""
 
 
-def _open_state(out_path: Path, resume: bool, overwrite: bool) -> dict[str, Any] | None:
-    """Check the output and return the state to resume from (None for a fresh run)."""
+def _open_state(
+    out_path: Path, resume: bool, overwrite: bool, statistics: bool = False
+) -> dict[str, Any] | None:
+    """Check the output and return the state to resume from (None for a fresh run), checked
+    (:func:`geoprn.train_state.read_state`; ``statistics``: it holds band mean and std)."""
     state_file = state_path(out_path)
     if not out_path.name.endswith(".safetensors"):
         raise InputError(f"the output must be a .safetensors file, not {out_path}")
@@ -257,10 +261,7 @@ def _open_state(out_path: Path, resume: bool, overwrite: bool) -> dict[str, Any]
         )
     if not resume:
         return None
-    try:
-        return torch.load(state_file, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - any unreadable state is one clear error
-        raise CheckpointError(f"cannot read {state_file}: {exc}") from None
+    return read_state(state_file, statistics)
 
 
 def as_pairs(sources: Sequence[str | Path | TilePair]) -> list[TilePair]:
@@ -281,7 +282,7 @@ def _split(
     pairs = as_pairs(tiles)
     if state is not None:
         for key in MODEL_KEYS:
-            if state["config"][key] != config[key]:
+            if state["config"].get(key) != config[key]:
                 raise InputError(
                     f"cannot resume: the config's {key} differs from the one the state "
                     "was trained with"
@@ -374,7 +375,7 @@ def train_base(
     started = time.monotonic()
     out_path = Path(out_path)
     init_meta = check_init(init, config, "base") if init is not None else None
-    state = _open_state(out_path, resume, overwrite)
+    state = _open_state(out_path, resume, overwrite, statistics=True)
     device_ = resolve_device(device)
     train_pairs, val_pairs = _split(tiles, val_tiles, val_fraction, seed, config, state)
 
@@ -559,11 +560,7 @@ def _fit(
     history: list[dict[str, Any]] = []
     seconds_before = 0.0
     if state is not None:
-        model.net.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        if scaler is not None and state.get("scaler"):
-            scaler.load_state_dict(state["scaler"])
+        restore(state_file, state, model.net, optimizer, scheduler, scaler)
         epoch, steps = int(state["epoch"]), int(state["steps"])
         best_iou, best_epoch = float(state["best_iou"]), int(state["best_epoch"])
         bad_epochs, history = int(state["bad_epochs"]), list(state["history"])
@@ -1058,7 +1055,7 @@ def train_bpr(
     base_meta = read_header(base, "base")
     if prn is not None:
         read_header(prn, "prn")  # before any prediction is computed
-    state = _open_state(out_path, resume, overwrite)
+    state = _open_state(out_path, resume, overwrite, statistics=True)
     device_ = resolve_device(device)
     train_pairs, val_pairs = _split(tiles, val_tiles, val_fraction, seed, config, state)
     bands = list(config["bands"])

@@ -19,6 +19,7 @@ metres (Douglas-Peucker, shapely). Lengths are measured in metres along the simp
 from __future__ import annotations
 
 import hashlib
+import os
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -48,6 +49,9 @@ HOLE_AREA = 64
 """Holes in the road mask smaller than this (in pixels) are filled before thinning, so a
 speckle inside a road does not split its centreline into a loop."""
 DRIVERS = {".gpkg": "GPKG", ".geojson": "GeoJSON", ".json": "GeoJSON", ".fgb": "FlatGeobuf"}
+GPKG_VERSION = "1.3"
+"""GeoPackage version written: GDAL's default, 1.4, makes GDAL 3.6 and QGIS 3.22 warn on
+every open, and GDAL 3.6's ``validate_gpkg`` fails it (its R-tree triggers are 1.4's)."""
 EIGHT = np.ones((3, 3), bool)
 
 Reader = Callable[[Range, Range], tuple[np.ndarray, np.ndarray | None]]
@@ -285,26 +289,48 @@ def roads_from_array(
 
 
 def check_output(path: str | Path, overwrite: bool = False) -> str:
-    """The OGR driver for a roads file; refuses unknown extensions and existing files.
+    """The OGR driver for a roads file; refuses unknown extensions, existing files and
+    folders the file cannot be written in (before any work, so a run does not fail at its end).
 
     Raises:
-        OutputError: unknown extension, or the file exists and ``overwrite`` is false.
+        OutputError: unknown extension, the file exists and ``overwrite`` is false, or its
+            folder is missing or not writable.
     """
     path = Path(path)
     driver = DRIVERS.get(path.suffix.lower())
     if driver is None:
         raise OutputError(f"{path}: write roads as {', '.join(DRIVERS)}")
+    if path.is_dir():
+        raise OutputError(f"{path} is a folder; give the roads file's name")
     if path.exists() and not overwrite:
         raise OutputError(f"{path} exists; use --overwrite to replace it")
+    folder = path.parent
+    if not folder.is_dir():
+        raise OutputError(f"cannot write {path}: the folder {folder} does not exist")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise OutputError(f"cannot write {path}: the folder {folder} is not writable")
     return driver
 
 
-def write_roads(roads: RoadNetwork, path: str | Path, overwrite: bool = False) -> Path:
+def write_roads(
+    roads: RoadNetwork,
+    path: str | Path,
+    overwrite: bool = False,
+    gpkg_version: str = GPKG_VERSION,
+    rfc7946: bool = True,
+) -> Path:
     """Write centrelines as a GeoPackage, GeoJSON or FlatGeobuf (by extension) with pyogrio.
 
     One layer, ``roads``: LineStrings with ``road_id``, ``length_m`` and ``mean_probability``
     (empty when the raster held no probabilities), and the CRS. The file is written beside
     its final name and moved into place when complete; no roads writes a valid empty layer.
+
+    Args:
+        gpkg_version: GeoPackage version (see :data:`GPKG_VERSION`).
+        rfc7946: GeoJSON as RFC 7946 (reprojected to WGS 84 longitude/latitude, 7 decimals),
+            which web maps read; False keeps the CRS, in the obsolete ``crs`` member. GeoJSON
+            has no schema, so a ``mean_probability`` with every value empty is left out
+            there (readers would type it String).
 
     Raises:
         OutputError: see :func:`check_output`.
@@ -314,19 +340,29 @@ def write_roads(roads: RoadNetwork, path: str | Path, overwrite: bool = False) -
     tmp = path.with_name(f".{path.stem}.part{path.suffix}")
     tmp.unlink(missing_ok=True)
     wkb = shapely.to_wkb(np.array(roads.lines, dtype=object)) if roads.lines else []
+    columns = {
+        "road_id": np.array(roads.road_id, dtype=object),
+        "length_m": np.asarray(roads.length_m, np.float64),
+        "mean_probability": np.asarray(roads.mean_probability, np.float64),
+    }
+    options: dict[str, dict[str, str]] = {}
+    if driver == "GPKG":
+        options["dataset_options"] = {"VERSION": gpkg_version}
+    if driver == "GeoJSON":
+        if np.isnan(columns["mean_probability"]).all():
+            del columns["mean_probability"]
+        if rfc7946 and roads.crs is not None:
+            options["layer_options"] = {"RFC7946": "YES"}
     pyogrio.raw.write(
         tmp,
         geometry=wkb,
-        field_data=[
-            np.array(roads.road_id, dtype=object),
-            np.asarray(roads.length_m, np.float64),
-            np.asarray(roads.mean_probability, np.float64),
-        ],
-        fields=["road_id", "length_m", "mean_probability"],
+        field_data=list(columns.values()),
+        fields=list(columns),
         geometry_type="LineString",
         crs=None if roads.crs is None else roads.crs.to_wkt(),
         driver=driver,
         layer="roads",
+        **options,
     )
     tmp.replace(path)
     return path

@@ -164,7 +164,7 @@ def test_extract_roads_from_a_file_matches_the_array(mask_tif):
     assert np.isnan(from_file.mean_probability).all()  # a mask carries no probabilities
 
 
-@pytest.mark.parametrize("suffix", [".gpkg", ".geojson", ".fgb"])
+@pytest.mark.parametrize("suffix", [".gpkg", ".fgb"])  # GeoJSON: tests/test_gis_outputs.py
 def test_roads_files_open_with_their_crs_and_attributes(mask_tif, tmp_path, suffix):
     network = extract_roads(mask_tif)
     path = write_roads(network, tmp_path / f"roads{suffix}")

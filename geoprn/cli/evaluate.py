@@ -5,8 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import click
-from tqdm import tqdm
 
+from geoprn.cli.output import progress_bar, say
 from geoprn.labels import DEFAULT_ROAD_WIDTH, parse_metres
 
 
@@ -102,7 +102,7 @@ def evaluate(
             prediction.image = ev.check_image(image, prediction.grid)
         ev.warn_if_no_crs(prediction.grid)
         truth = ev.open_labels(labels, prediction.grid, road_width)
-        with tqdm(desc=prediction.name, unit="part", disable=None, leave=False) as bar:
+        with progress_bar(desc=prediction.name, unit="part", leave=False) as bar:
 
             def progress(done: int, total: int, bar=bar) -> None:
                 bar.total = total
@@ -110,12 +110,12 @@ def evaluate(
 
             evaluations.append(ev.evaluate(prediction, truth, settings, progress))
     records = ev.results_table(evaluations)
-    click.echo(ev.format_table(records))
+    click.echo(ev.format_table(records))  # what the command is for: printed even with -q
     if csv_path:
-        click.echo(f"csv: {ev.write_csv(records, Path(csv_path))}")
+        say(f"csv: {ev.write_csv(records, Path(csv_path))}")
     if json_path:
-        click.echo(f"json: {ev.write_json(records, settings, labels, Path(json_path))}")
+        say(f"json: {ev.write_json(records, settings, labels, Path(json_path))}")
     if report:
         from geoprn.report import write_report
 
-        click.echo(f"report: {write_report(evaluations, Path(report), settings)}")
+        say(f"report: {write_report(evaluations, Path(report), settings)}")

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import logging
 import warnings
 
 import click
 import dask
 
 from geoprn import __version__
+from geoprn.cli.output import configure_logging, note
 from geoprn.errors import GeoprnError, GeoprnWarning
 
 
@@ -19,7 +19,8 @@ class GeoprnGroup(click.Group):
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # third-party chatter
-                warnings.simplefilter("default", GeoprnWarning)
+                if not ctx.params.get("quiet"):
+                    warnings.simplefilter("default", GeoprnWarning)
                 warnings.showwarning = _show_warning
                 return super().invoke(ctx)
         except GeoprnError as exc:
@@ -31,17 +32,34 @@ class GeoprnGroup(click.Group):
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
-    click.echo(f"geoprn: warning: {message}", err=True)
+    note(f"geoprn: warning: {message}")  # above a running progress bar, not into it
 
 
 @click.group(cls=GeoprnGroup)
 @click.version_option(__version__, prog_name="geoprn")
-@click.option("-v", "--verbose", is_flag=True, help="Log what each stage does.")
-def cli(verbose: bool) -> None:
+@click.option(
+    "-v",
+    "--verbose",
+    is_flag=True,
+    help="Also say what each stage does: blocks planned and resumed, where the time went "
+    "(and other libraries' warnings).",
+)
+@click.option(
+    "-q",
+    "--quiet",
+    is_flag=True,
+    help="Print nothing but errors and what a command is for (info's header, evaluate's table).",
+)
+def cli(verbose: bool, quiet: bool) -> None:
     """Road segmentation of large GeoTIFF scenes: base model + PatchRefineNet, on Dask."""
-    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(message)s")
-    # distributed sets its own loggers' levels when first imported (by a local cluster)
-    dask.config.set({"logging.distributed": "info" if verbose else "warning"})
+    if verbose and quiet:
+        raise click.UsageError("-v and -q contradict each other: give one")
+    configure_logging(verbose, quiet)
+    # distributed configures its loggers when first imported: levels only, no handler of its
+    # own, so its records reach configure_logging's (workers it starts get the same setting)
+    level = "WARNING" if verbose else "CRITICAL"
+    loggers = {"distributed": {"level": level, "propagate": True}}
+    dask.config.set({"logging": {"version": 1, "incremental": True, "loggers": loggers}})
 
 
 def _register() -> None:

@@ -5,8 +5,8 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 import click
-from tqdm import tqdm
 
+from geoprn.cli.output import progress_bar, say
 from geoprn.cli.vectorize import vector_options
 from geoprn.inference import PRECISIONS
 from geoprn.tiling import DEFAULT_BLOCK_SIZE
@@ -111,7 +111,7 @@ def _bands(ctx: click.Context, param: click.Parameter, value: str | None) -> lis
     type=click.Choice(["2", "3"]),
     default="2",
     show_default=True,
-    help="Zarr format of the probability store (GDAL 3.10 reads 2).",
+    help="Zarr format of the probability store (GDAL 3.10 and older read only 2).",
 )
 @click.option(
     "--resample",
@@ -160,17 +160,15 @@ def refine(
     from geoprn.pipeline import refine as run_refine  # Dask and Zarr load only when needed
 
     auto = refiner == "auto" and not no_prn  # the default rule: validated refiners only
-    bar = tqdm(unit="block", desc="refine", dynamic_ncols=True, disable=None)
-    windows = 0
+    bar = progress_bar(unit="window", desc="refine")  # windows: a block can take minutes
+
+    def on_windows(run: int, planned: int) -> None:
+        if bar.total is None:
+            bar.reset(total=planned)
+        bar.update(run)
 
     def progress(done: int, total: int, result: BlockResult | None) -> None:
-        nonlocal windows
-        if result is None:
-            bar.reset(total=total)
-            return
-        windows += result.windows
-        bar.set_postfix(tiles_per_s=f"{windows / max(bar.format_dict['elapsed'], 1e-9):.1f}")
-        bar.update(1)
+        bar.set_postfix(blocks=f"{done}/{total}")
 
     try:
         record = run_refine(
@@ -199,14 +197,17 @@ def refine(
             simplify_m=simplify,
             min_length_m=min_length,
             progress=progress,
+            on_windows=on_windows,
         )
+        bar.total = bar.n  # fewer than planned where windows were nodata
+        bar.refresh()
     finally:
         bar.close()
     blocks = record.blocks
-    click.echo(
+    say(
         f"{blocks['computed']} blocks computed, {blocks['skipped']} skipped (nodata), "
         f"{blocks['resumed']} done before; {record.windows} windows in "
         f"{record.seconds['total']:.1f} s"
     )
     for name, path in record.outputs.items():
-        click.echo(f"{name}: {path}")
+        say(f"{name}: {path}")

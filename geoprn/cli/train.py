@@ -6,8 +6,8 @@ from collections.abc import Callable
 from typing import Any
 
 import click
-from tqdm import tqdm
 
+from geoprn.cli.output import progress_bar, quiet, say
 from geoprn.crossfit import train_prn_crossfit
 from geoprn.labels import parse_metres
 from geoprn.train import load_config, train_base, train_bpr, train_prn
@@ -96,7 +96,11 @@ def _common_options(default_config: str, default_val_fraction: float) -> Callabl
 
 def _run(trainer: Callable, desc: str, tiles, output, config: dict, **kwargs: Any) -> dict:
     """Run ``trainer`` with a progress bar and print its summary."""
-    bar = tqdm(unit="step", desc=desc, dynamic_ncols=True, disable=None)
+    bar = progress_bar(unit="step", desc=desc)
+
+    def tell(line: str) -> None:  # above the bar, on stdout; not with -q
+        if not quiet():
+            bar.write(line)
 
     def progress(event: str, info: dict) -> None:
         if event == "start":
@@ -106,9 +110,9 @@ def _run(trainer: Callable, desc: str, tiles, output, config: dict, **kwargs: An
             bar.set_postfix(epoch=info["epoch"], loss=f"{info['loss']:.3f}", refresh=False)
             bar.update(1)
         elif event == "fold":
-            bar.write(f"fold {info['fold']}/{info['folds']} trained, its held-out tiles predicted")
+            tell(f"fold {info['fold']}/{info['folds']} trained, its held-out tiles predicted")
         elif event == "epoch":
-            bar.write(
+            tell(
                 f"epoch {info['epoch']}: train loss {info['train_loss']:.4f}, "
                 f"val road IoU {info['val_road_iou']:.4f} "
                 f"(best {info['best_val_road_iou']:.4f}), lr {info['lr']:.1e}"
@@ -118,17 +122,17 @@ def _run(trainer: Callable, desc: str, tiles, output, config: dict, **kwargs: An
         summary = trainer(tiles, config, output, progress=progress, **kwargs)
     finally:
         bar.close()
-    click.echo(
+    say(
         f"stopped ({summary['stopped']}) after {summary['epochs']} epochs, "
         f"{summary['steps']} steps, {summary['minutes']:.1f} min; best val road IoU "
         f"{summary['best_val_road_iou']:.4f} at epoch {summary['best_epoch']}"
     )
-    click.echo(
+    say(
         f"train tiles: {len(summary['split']['train'])}, "
         f"val tiles: {', '.join(summary['split']['val'])}"
     )
-    click.echo(f"checkpoint: {summary['checkpoint']}")
-    click.echo(f"epoch log: {summary['history_csv']}, curves: {summary['curves_png']}")
+    say(f"checkpoint: {summary['checkpoint']}")
+    say(f"epoch log: {summary['history_csv']}, curves: {summary['curves_png']}")
     return summary
 
 
@@ -259,7 +263,7 @@ def prn(
         **sources,
         **options,
     )
-    click.echo(f"base model at 0.5 on the val tiles: road IoU {summary['base_val_road_iou']:.4f}")
+    say(f"base model at 0.5 on the val tiles: road IoU {summary['base_val_road_iou']:.4f}")
 
 
 @train.command("bpr")
@@ -297,4 +301,4 @@ def bpr(tiles, output, config_name, base, prn, no_prn, val_tiles, **options) -> 
         prn=prn,
         **options,
     )
-    click.echo(f"without BPR on the val tiles: road IoU {summary['before_val_road_iou']:.4f}")
+    say(f"without BPR on the val tiles: road IoU {summary['before_val_road_iou']:.4f}")

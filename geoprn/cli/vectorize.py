@@ -6,6 +6,7 @@ from collections.abc import Callable
 
 import click
 
+from geoprn.cli.output import say
 from geoprn.labels import parse_metres
 
 
@@ -83,4 +84,4 @@ def vectorize(
         block_size=block_size,
     )
     path = write_roads(roads, output, overwrite=overwrite)
-    click.echo(f"{len(roads.lines)} roads, {roads.total_length_m / 1000:.2f} km: {path}")
+    say(f"{len(roads.lines)} roads, {roads.total_length_m / 1000:.2f} km: {path}")

@@ -19,10 +19,9 @@ from safetensors.torch import save_file
 
 from geoprn.errors import CheckpointError
 from geoprn.models.base import build_base
+from geoprn.models.header import FORMAT, FORMAT_VERSION, header_problem
 from geoprn.models.predictor import Predictor, fold_batchnorm
 
-FORMAT = "geoprn-checkpoint"
-FORMAT_VERSION = 1
 KINDS = ("base", "prn", "bpr")
 REQUIRED = ("kind", "architecture", "arguments", "bands", "tile_size")
 WEIGHTS_DIR = Path(__file__).parents[1] / "weights"
@@ -48,13 +47,11 @@ def save_checkpoint(
 
     Args:
         model: a :class:`Predictor` or a bare network.
-        meta: the header; must hold at least ``REQUIRED`` keys.
+        meta: the header; must hold at least ``REQUIRED`` keys, each as
+            :class:`~geoprn.models.header.CheckpointHeader` describes it.
         path: destination ``.safetensors`` file (written atomically).
         half: store floating-point weights as float16 (shipped weights).
     """
-    missing = [k for k in REQUIRED if k not in meta]
-    if missing or meta["kind"] not in KINDS:
-        raise CheckpointError(f"checkpoint header lacks {missing or 'a valid kind'}")
     from geoprn import __version__
 
     net = model.net if isinstance(model, Predictor) else model
@@ -65,6 +62,9 @@ def save_checkpoint(
         "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         **meta,
     }
+    problem = header_problem(header)
+    if problem is not None:
+        raise CheckpointError(f"cannot save {path}: bad checkpoint header: {problem}")
     tensors = {}
     for name, tensor in net.state_dict().items():
         tensor = tensor.detach().cpu().contiguous()
@@ -98,8 +98,11 @@ def read_header(path: str | Path, kind: str | None = None) -> dict[str, Any]:
         header = json.loads(metadata["geoprn"])
     except (KeyError, json.JSONDecodeError):
         raise CheckpointError(f"{path} is a safetensors file without a geoprn header") from None
-    if header.get("format") != FORMAT or any(k not in header for k in REQUIRED):
-        raise CheckpointError(f"{path} has a malformed geoprn header")
+    if not isinstance(header, dict) or header.get("format") != FORMAT:
+        raise CheckpointError(f"{path} has a malformed geoprn header (not a {FORMAT} header)")
+    problem = header_problem(header)
+    if problem is not None:
+        raise CheckpointError(f"{path} has a malformed geoprn header: {problem}")
     if kind is not None and header["kind"] != kind:
         raise CheckpointError(f"{path} is a {header['kind']} checkpoint, a {kind} one is needed")
     return header
@@ -123,10 +126,36 @@ def load_model(
         net = build_network(meta)
         with safe_open(str(path), framework="pt") as f:
             state = {name: f.get_tensor(name).float() for name in f.keys()}  # noqa: SIM118
+        mismatch = state_mismatch(net.state_dict(), state)
+        if mismatch is not None:
+            raise CheckpointError(f"{path} does not match its own header: {mismatch}")
         net.load_state_dict(state)
     except (SafetensorError, RuntimeError, TypeError, ValueError, KeyError) as exc:
         raise CheckpointError(f"{path} does not match its own header: {exc}") from None
     return Predictor(net, meta).to(device).eval()
+
+
+def state_mismatch(
+    expected: dict[str, torch.Tensor], stored: dict[str, torch.Tensor]
+) -> str | None:
+    """How ``stored`` tensors differ from the ``expected`` ones of the network the header
+    builds, in one line (the first tensor of each kind of difference and how many), or None."""
+    missing = [name for name in expected if name not in stored]
+    unexpected = [name for name in stored if name not in expected]
+    shapes = [n for n in expected if n in stored and stored[n].shape != expected[n].shape]
+    problems = []
+    if shapes:
+        first = shapes[0]
+        problems.append(
+            f"{len(shapes)} of {len(expected)} tensors have the wrong shape (first {first}: "
+            f"{tuple(stored[first].shape)} stored, {tuple(expected[first].shape)} in the "
+            "network the header describes)"
+        )
+    if missing:
+        problems.append(f"{len(missing)} tensor(s) missing (first {missing[0]})")
+    if unexpected:
+        problems.append(f"{len(unexpected)} unexpected tensor(s) (first {unexpected[0]})")
+    return "; ".join(problems) or None
 
 
 @lru_cache(maxsize=8)
