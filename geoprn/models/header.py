@@ -21,12 +21,14 @@ Count = Annotated[int, Field(ge=1)]
 
 
 class ModelFile(BaseModel):
-    """Another checkpoint this one was trained with or for."""
+    """Another checkpoint this one was trained with or for (or, for a PRN trained on
+    probability rasters, the folder they came from: ``probs``)."""
 
     model_config = ConfigDict(strict=True, extra="allow")
 
-    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    sha256: Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")] | None = None
     file: str | None = None
+    probs: str | None = None
 
 
 class CheckpointHeader(BaseModel):
