@@ -11,7 +11,7 @@ thread count changes how convolutions sum, hence the last bits of the probabilit
     python benchmarks/cluster.py --tiles 4 --nodata --lanes 1,2,4
 
 ``--lanes`` compares how many runs of neighbouring blocks each worker thread gets
-(``geoprn.pipeline.LANES_PER_THREAD``) in the 2-worker runs; ``--nodata`` declares the tiles'
+(``geoprn.blocks.LANES_PER_THREAD``) in the 2-worker runs; ``--nodata`` declares the tiles'
 white areas nodata (255), so their blocks are skipped and the runs' work is uneven.
 """
 
@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from memory import build_mosaic, with_nodata  # noqa: E402
 
 import geoprn  # noqa: E402
-from geoprn import pipeline  # noqa: E402
+from geoprn import blocks  # noqa: E402
 
 
 def run(
@@ -68,17 +68,17 @@ def main() -> None:
     parser.add_argument("--torch-threads", type=int, default=1, help="per worker")
     parser.add_argument("--workdir", default="/tmp/geoprn-bench")
     parser.add_argument("--nodata", action="store_true", help="white areas are nodata (255)")
-    parser.add_argument("--lanes", default=str(pipeline.LANES_PER_THREAD), help="e.g. 1,2,4")
+    parser.add_argument("--lanes", default=str(blocks.LANES_PER_THREAD), help="e.g. 1,2,4")
     args = parser.parse_args()
     workdir = Path(args.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     scene = build_mosaic(workdir / f"mosaic_{args.tiles}x{args.tiles}.tif", args.tiles)
     if args.nodata:
         scene = with_nodata(scene)
-    runs = [(1, pipeline.LANES_PER_THREAD)] + [(2, int(n)) for n in args.lanes.split(",")]
+    runs = [(1, blocks.LANES_PER_THREAD)] + [(2, int(n)) for n in args.lanes.split(",")]
     seconds, windows = {}, {}
     for workers, lanes in runs:
-        pipeline.LANES_PER_THREAD = lanes  # read where the tasks are made: in this process
+        blocks.LANES_PER_THREAD = lanes  # read where the tasks are made: in this process
         seconds[workers, lanes], windows[workers, lanes] = run(
             scene,
             workdir / f"dist_{workers}_{lanes}",

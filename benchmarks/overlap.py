@@ -29,6 +29,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).parent))
 from prn_accuracy import scores, split_tiles  # noqa: E402
 
+from geoprn.blocks import window_cache_bytes  # noqa: E402
 from geoprn.data import load_tiles  # noqa: E402
 from geoprn.inference import PRECISIONS, predict_array, resolve_device, windows_run  # noqa: E402
 from geoprn.models.checkpoint import (  # noqa: E402
@@ -38,7 +39,6 @@ from geoprn.models.checkpoint import (  # noqa: E402
     load_cached,
     read_header,
 )
-from geoprn.pipeline import window_cache_bytes  # noqa: E402
 from geoprn.tiling import DEFAULT_BLOCK_SIZE, block_grid, serpentine, window_origins  # noqa: E402
 
 TILE = 512

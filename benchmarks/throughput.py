@@ -54,6 +54,7 @@ from rasterio.windows import Window, from_bounds
 sys.path.insert(0, str(Path(__file__).parent))
 from memory import build_mosaic  # noqa: E402
 
+from geoprn.blocks import window_cache_bytes  # noqa: E402
 from geoprn.inference import (  # noqa: E402
     PRECISIONS,
     autocast_dtype,
@@ -69,7 +70,7 @@ from geoprn.models.checkpoint import (  # noqa: E402
     load_model,
     read_header,
 )
-from geoprn.pipeline import refine, window_cache_bytes  # noqa: E402  (imported before timing)
+from geoprn.pipeline import refine  # noqa: E402  (imported before timing)
 from geoprn.raster import SceneInfo, open_scene, read_region  # noqa: E402
 from geoprn.tiling import block_grid, serpentine, window_origins  # noqa: E402
 

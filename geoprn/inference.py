@@ -109,7 +109,7 @@ def auto_batch_size(device: torch.device, blocks_in_flight: int = 3) -> int:
     """``--batch-size auto``: 1 on a CPU, where a window runs fastest alone (base + PRN 1.66 s a
     window at batch 1, 1.95 s at 8 on 2 cores, ``benchmarks/model_speed.py``); on a GPU
     :data:`GPU_BATCH`, or fewer if half its free memory cannot hold that many windows for
-    each of the ``blocks_in_flight`` (see :func:`geoprn.pipeline.blocks_in_flight`). Decided
+    each of the ``blocks_in_flight`` (see :func:`geoprn.blocks.blocks_in_flight`). Decided
     once per process, device and number of blocks."""
     if device.type != "cuda":
         return 1

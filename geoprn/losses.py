@@ -59,9 +59,13 @@ LAPLACIAN = torch.tensor([[0.0, 1.0, 0.0], [1.0, -4.0, 1.0], [0.0, 1.0, 0.0]]).v
 
 
 def edge_map(x: torch.Tensor) -> torch.Tensor:
-    """``|tanh(Laplacian(x))|`` of (N, 1, H, W) maps, replicate-padded: 0 where x is flat."""
-    padded = F.pad(_fp32(x), (1, 1, 1, 1), mode="replicate")
-    return torch.tanh(F.conv2d(padded, LAPLACIAN.to(x.device, padded.dtype))).abs()
+    """``|tanh(Laplacian(x))|`` of (N, 1, H, W) maps, replicate-padded: 0 where x is flat.
+
+    Computed in float32 even under autocast: in bf16, edges of a saturated map round to
+    exactly 1 and the boundary loss's ``log(1 - p)`` to infinity."""
+    with torch.autocast(x.device.type, enabled=False):
+        padded = F.pad(_fp32(x), (1, 1, 1, 1), mode="replicate")
+        return torch.tanh(F.conv2d(padded, LAPLACIAN.to(x.device, padded.dtype))).abs()
 
 
 def masked_boundary(
@@ -71,7 +75,7 @@ def masked_boundary(
 
     The prediction's edge map is taken of its sigmoid, so it lies in [0, 1) like the target's.
     """
-    predicted = edge_map(torch.sigmoid(_fp32(logits))).clamp(1e-6, 1.0 - 1e-6)
+    predicted = _fp32(edge_map(torch.sigmoid(_fp32(logits)))).clamp(1e-6, 1.0 - 1e-6)
     target_edges = edge_map(target)  # BCE written out: F.binary_cross_entropy refuses autocast
     loss = -(target_edges * predicted.log() + (1.0 - target_edges) * (1.0 - predicted).log())
     return _masked_mean(loss, valid)

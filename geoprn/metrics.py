@@ -23,7 +23,8 @@ same as measuring distances only to pixels inside the tile, which is what is com
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import astuple, dataclass
+from typing import Self
 
 import numpy as np
 from scipy import ndimage
@@ -32,13 +33,29 @@ DEFAULT_D = 15
 """Default width of the boundary band, in pixels."""
 
 
+@dataclass(frozen=True)
+class Counts:
+    """Counts that add field by field with ``+``, so ``sum(per_tile, Kind())`` pools tiles."""
+
+    def __add__(self, other: object) -> Self:
+        if type(other) is not type(self):
+            return NotImplemented
+        return type(self)(*(a + b for a, b in zip(astuple(self), astuple(other), strict=True)))
+
+    def __radd__(self, other: object) -> Self:
+        # Lets the built-in ``sum`` start from 0.
+        if isinstance(other, int) and other == 0:
+            return self
+        return NotImplemented
+
+
 def _ratio(num: int, den: int) -> float:
     """``num / den``, or 1.0 when ``den`` is 0 (nothing to find and nothing found)."""
     return num / den if den else 1.0
 
 
 @dataclass(frozen=True)
-class Confusion:
+class Confusion(Counts):
     """Pixel counts of the road class: true/false positives, false/true negatives.
 
     Counts add with ``+``, so ``sum(per_tile, Confusion())`` pools tiles.
@@ -48,19 +65,6 @@ class Confusion:
     fp: int = 0
     fn: int = 0
     tn: int = 0
-
-    def __add__(self, other: Confusion) -> Confusion:
-        if not isinstance(other, Confusion):
-            return NotImplemented
-        return Confusion(
-            self.tp + other.tp, self.fp + other.fp, self.fn + other.fn, self.tn + other.tn
-        )
-
-    def __radd__(self, other: object) -> Confusion:
-        # Lets the built-in ``sum`` start from 0.
-        if isinstance(other, int) and other == 0:
-            return self
-        return NotImplemented
 
     @property
     def road_iou(self) -> float:
@@ -79,7 +83,7 @@ class Confusion:
 
 
 @dataclass(frozen=True)
-class BoundaryCounts:
+class BoundaryCounts(Counts):
     """Boundary-band intersection and union pixel counts of the road and background classes.
 
     Counts add with ``+``, so ``sum(per_tile, BoundaryCounts())`` pools tiles.
@@ -89,22 +93,6 @@ class BoundaryCounts:
     road_union: int = 0
     bg_inter: int = 0
     bg_union: int = 0
-
-    def __add__(self, other: BoundaryCounts) -> BoundaryCounts:
-        if not isinstance(other, BoundaryCounts):
-            return NotImplemented
-        return BoundaryCounts(
-            self.road_inter + other.road_inter,
-            self.road_union + other.road_union,
-            self.bg_inter + other.bg_inter,
-            self.bg_union + other.bg_union,
-        )
-
-    def __radd__(self, other: object) -> BoundaryCounts:
-        # Lets the built-in ``sum`` start from 0.
-        if isinstance(other, int) and other == 0:
-            return self
-        return NotImplemented
 
     @property
     def road_biou(self) -> float:

@@ -40,6 +40,8 @@ from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import dijkstra
 from shapely.ops import substring
 
+from geoprn.metrics import Counts
+
 BUFFER_M = 5.0
 """Default matching buffer of completeness / correctness / quality, in metres."""
 SNAP_M = 4.0
@@ -56,29 +58,13 @@ def _ratio(num: float, den: float) -> float:
 
 
 @dataclass(frozen=True)
-class LengthCounts:
+class LengthCounts(Counts):
     """Reference and predicted centreline lengths (metres), in all and within the buffer."""
 
     reference: float = 0.0
     reference_matched: float = 0.0
     predicted: float = 0.0
     predicted_matched: float = 0.0
-
-    def __add__(self, other: LengthCounts) -> LengthCounts:
-        if not isinstance(other, LengthCounts):
-            return NotImplemented
-        return LengthCounts(
-            self.reference + other.reference,
-            self.reference_matched + other.reference_matched,
-            self.predicted + other.predicted,
-            self.predicted_matched + other.predicted_matched,
-        )
-
-    def __radd__(self, other: object) -> LengthCounts:
-        # Lets the built-in ``sum`` start from 0.
-        if isinstance(other, int) and other == 0:
-            return self
-        return NotImplemented
 
     @property
     def completeness(self) -> float:

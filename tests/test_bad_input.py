@@ -157,6 +157,45 @@ def test_tensors_of_the_wrong_shapes_are_one_line(scene, models, tmp_path):
 # --- 14: probabilities outside [0, 1] ------------------------------------------------------
 
 
+# --- 12: YAML recipes of the wrong type or range --------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("changes", "pattern"),
+    [
+        ({"bands": []}, "bands: List should have at least 1 item"),
+        ({"bands": "123"}, "bands: Input should be a valid list (got '123')"),
+        ({"tile_size": 0}, "tile_size: Input should be greater than 0 (got 0)"),
+        ({"lr": "fast"}, "lr: Input should be a valid number"),
+        ({"epochs": 2.5}, "epochs: Input should be a valid integer"),
+        ({"lr_factor": 1.5}, "lr_factor: Input should be less than 1 (got 1.5)"),
+        ({"micro_batch": "most"}, "micro_batch"),
+        ({"learning_rate": 0.1}, "learning_rate: Extra inputs are not permitted"),
+        ({"kind": "gan"}, "kind: Input should be 'base', 'prn' or 'bpr'"),
+    ],
+)
+def test_a_wrong_recipe_setting_is_one_line_before_any_work(tmp_path, changes, pattern):
+    import yaml
+
+    from geoprn.train import config_path
+
+    recipe = yaml.safe_load(config_path("base_unet_mnv2").read_text())
+    path = tmp_path / "mine.yaml"
+    path.write_text(yaml.safe_dump({**recipe, **changes}))
+    out = tmp_path / "base.safetensors"
+    tiles = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "massachusetts" / "val"
+    result = run("train", "base", tiles, "-o", out, "--config", path, "--device", "cpu")
+    assert_one_line_error(result, f"{path}: {pattern}")
+    assert not out.exists()
+
+
+def test_a_recipe_without_its_network_names_what_is_missing(tmp_path):
+    path = tmp_path / "bare.yaml"
+    path.write_text("epochs: 3\n")
+    result = run("train", "base", tmp_path, "-o", tmp_path / "b.safetensors", "--config", path)
+    assert_one_line_error(result, f"{path}: architecture: Field required")
+
+
 def probabilities(path: Path, values: np.ndarray) -> Path:
     return write_raster(path, values[None])
 

@@ -202,9 +202,9 @@ def test_prn_trained_for_another_base_is_said_once(scene, models, tmp_path):
 def test_without_prn_weights_the_base_runs_alone_and_says_so_once(
     scene, models, tmp_path, monkeypatch
 ):
-    import geoprn.pipeline
+    import geoprn.job
 
-    monkeypatch.setattr(geoprn.pipeline, "DEFAULT_PRN", tmp_path / "not_shipped.safetensors")
+    monkeypatch.setattr(geoprn.job, "DEFAULT_PRN", tmp_path / "not_shipped.safetensors")
     result = run("refine", scene, "-o", tmp_path / "o", "--base", models["base"], "--device", "cpu")
     assert result.exit_code == 0
     assert result.stderr.count("the mask comes from the base model") == 1

@@ -102,19 +102,19 @@ def test_a_malformed_record_is_one_line(models, tmp_path):
 @pytest.fixture
 def shipped(models, tmp_path, monkeypatch):
     """The test models put where refine looks for the shipped weights."""
-    import geoprn.pipeline as pipeline
+    import geoprn.job as job
 
     paths = {}
     for kind in ("prn", "bpr"):
         paths[kind] = tmp_path / f"{kind}_default.safetensors"
         paths[kind].write_bytes(models[kind].read_bytes())
-        monkeypatch.setattr(pipeline, f"DEFAULT_{kind.upper()}", paths[kind])
+        monkeypatch.setattr(job, f"DEFAULT_{kind.upper()}", paths[kind])
     return paths
 
 
 def test_default_refiner_rule(models, shipped, tmp_path):
     from geoprn.errors import GeoprnWarning
-    from geoprn.pipeline import ModelRef, default_refiners
+    from geoprn.job import ModelRef, default_refiners
 
     base = ModelRef.of(models["base"])
     with pytest.warns(GeoprnWarning, match="the mask comes from the base model"):

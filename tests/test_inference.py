@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from geoprn import inference
+from geoprn.blocks import window_cache_bytes
 from geoprn.errors import InputError
 from geoprn.inference import WindowCache, device_turn, to_device
-from geoprn.pipeline import window_cache_bytes
 from geoprn.tiling import blend_weights
 
 

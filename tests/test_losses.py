@@ -75,6 +75,22 @@ def test_boundary_loss_by_hand():
     assert masked_boundary(sharp, dot, ones) < 0.2 * masked_boundary(flat_logits, dot, ones)
 
 
+def test_boundary_loss_is_finite_on_saturated_maps_under_bf16_autocast():
+    # a near-0/1 prediction (a strongly biased map) has edges that round to exactly 1 in bf16,
+    # where the loss's log(1 - p) was infinite and PRN training skipped every batch
+    torch.manual_seed(0)
+    target = (torch.rand(2, 1, 32, 32) > 0.7).float()
+    logits = (target * 2 - 1) * 30.0 + torch.randn_like(target)
+    logits[..., :8, :8] *= -1  # a wrong patch, so the loss has something to count
+    ones = torch.ones_like(target)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = masked_boundary(logits.requires_grad_(), target, ones)
+    assert torch.isfinite(loss)
+    loss.backward()
+    assert torch.isfinite(logits.grad).all()
+    assert loss.item() == pytest.approx(masked_boundary(logits.detach(), target, ones).item())
+
+
 def test_prn_loss_composition_and_nodata_gradient():
     torch.manual_seed(0)
     shape = (2, 1, 16, 16)

@@ -19,10 +19,10 @@ import xarray as xr
 import zarr
 
 from geoprn import refine
+from geoprn.blocks import LANES_PER_THREAD, SHARED_WINDOWS, blocks_in_flight
 from geoprn.errors import InputError, OutputError, SchedulerError
 from geoprn.inference import predict_array
 from geoprn.models.checkpoint import load_cached
-from geoprn.pipeline import LANES_PER_THREAD, SHARED_WINDOWS, blocks_in_flight
 from geoprn.tiling import block_grid, lanes
 from tests.conftest import SHARED_DATA, massachusetts_pixels, write_raster
 

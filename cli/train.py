@@ -43,7 +43,7 @@ def _common_options(default_config: str, default_val_fraction: float) -> Callabl
             "config_name",
             default=default_config,
             show_default=True,
-            help="Config name in geoprn/configs/ or a path to a YAML file.",
+            help="Config name in the shipped configs/ or a path to a YAML file.",
         ),
         click.option(
             "--val",

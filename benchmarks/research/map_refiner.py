@@ -9,26 +9,29 @@ model's own recipe, with the probability map as its one input band) is trained b
 ``refine`` computes them, cached like ``prn_accuracy.py``'s) against the ground truth, early
 stopping on ``val``, and scored on every split beside the base model at 0.5.
 
-    python benchmarks/map_refiner.py --max-minutes 25
+    python benchmarks/research/map_refiner.py --max-minutes 25
 """
 
 from __future__ import annotations
 
 import argparse
 import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
-from prn_accuracy import add_probability_options, labelled_probabilities, scores
 
 from geoprn.inference import predict_array, resolve_device
 from geoprn.models.checkpoint import load_model
 from geoprn.train import load_config, train_base
 
 SPLITS = ("train", "val", "test")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/
+from prn_accuracy import add_probability_options, labelled_probabilities, scores  # noqa: E402
+
 NODATA = 255
 """The probability maps' nodata value: probabilities are stored as round(p * 254)."""
 

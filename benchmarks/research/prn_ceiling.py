@@ -21,8 +21,8 @@ If neither learned row gains on the fitting splits, the patch-wise bias of this 
 not predictable from its output, and a refiner of its output can recover little of the oracle.
 Base probabilities come from the cache ``prn_accuracy.py`` fills.
 
-    python benchmarks/prn_ceiling.py                            # shipped base, Massachusetts
-    python benchmarks/prn_ceiling.py --base B.safetensors --device cuda
+    python benchmarks/research/prn_ceiling.py              # shipped base, Massachusetts
+    python benchmarks/research/prn_ceiling.py --base B.safetensors --device cuda
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/
 from prn_accuracy import add_probability_options, labelled_probabilities  # noqa: E402
 
 from geoprn.inference import resolve_device  # noqa: E402

@@ -10,8 +10,8 @@ places, each with its own field, beside the base model at 0.5 on the biased and 
 maps, the global threshold best on the biased ``val`` maps and the patch-optimal oracle.
 "Recovered" is the share of the road IoU the bias cost that a row wins back.
 
-    python benchmarks/prn_bias.py                                   # prn_tiny, 20 CPU minutes
-    python benchmarks/prn_bias.py --config prn_lite --max-minutes 60 --sets massachusetts
+    python benchmarks/research/prn_bias.py                 # prn_tiny, 20 CPU minutes
+    python benchmarks/research/prn_bias.py --config prn_lite --max-minutes 60 --sets massachusetts
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ import rasterio
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/
 from prn_accuracy import (  # noqa: E402
     add_probability_options,
     labelled_probabilities,

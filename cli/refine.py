@@ -12,7 +12,7 @@ from geoprn.inference import PRECISIONS
 from geoprn.tiling import DEFAULT_BLOCK_SIZE
 
 if TYPE_CHECKING:
-    from geoprn.pipeline import BlockResult
+    from geoprn.blocks import BlockResult
 
 
 def _bands(ctx: click.Context, param: click.Parameter, value: str | None) -> list[int] | None:

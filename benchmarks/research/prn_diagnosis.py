@@ -15,8 +15,8 @@ split, and the share of valid pixels whose class at 0.5 differs from the base mo
 the split PRN trained on (``val`` for the shipped one) this tells whether it fitted its
 pseudo-labels at all.
 
-    python benchmarks/prn_diagnosis.py                     # shipped base + PRN, val split
-    python benchmarks/prn_diagnosis.py --split test --prn P.safetensors
+    python benchmarks/research/prn_diagnosis.py                     # shipped base + PRN, val split
+    python benchmarks/research/prn_diagnosis.py --split test --prn P.safetensors
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/
 from prn_accuracy import (  # noqa: E402
     add_probability_options,
     cache_path,

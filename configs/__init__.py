@@ -1,0 +1,1 @@
+"""The shipped YAML recipes, installed as package data of ``geoprn.configs``."""

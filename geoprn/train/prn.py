@@ -1,0 +1,309 @@
+"""Training PatchRefineNet the paper's way: on a base model's probabilities (computed once
+and cached in Zarr) with patch-optimal pseudo-labels (DESIGN.md, PRN)."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import rasterio
+import torch
+
+from geoprn.data import (
+    IMAGE_SUFFIXES,
+    LabelledTile,
+    RandomCrops,
+    TilePair,
+    load_tiles,
+)
+from geoprn.errors import InputError
+from geoprn.inference import autocast_dtype, predict_array, resolve_device
+from geoprn.losses import prn_loss
+from geoprn.metrics import Confusion, confusion
+from geoprn.models.checkpoint import (
+    file_sha256,
+    load_cached,
+    load_model,
+    read_header,
+)
+from geoprn.models.predictor import Predictor
+from geoprn.models.prn import PatchRefineNet
+from geoprn.pseudo_labels import patch_optimal_labels
+from geoprn.train.loop import Progress, Run, check_init, choose_split, fit, open_state, split_record
+
+log = logging.getLogger(__name__)
+
+
+PROBS_GROUP = "probs"
+
+
+def cache_path(out_path: Path) -> Path:
+    """The base-probability cache kept beside a PRN checkpoint: ``<out>.cache.zarr``."""
+    return out_path.with_name(out_path.name + ".cache.zarr")
+
+
+def base_probabilities(
+    tiles: Sequence[LabelledTile],
+    cache: str | Path,
+    base: str | Path | None = None,
+    probs_dir: str | Path | None = None,
+    batch_size: int = 8,
+    device: torch.device | str = "cpu",
+    precision: str = "auto",
+) -> list[np.ndarray]:
+    """The base model's road probabilities on each tile, computed once and cached in Zarr.
+
+    With ``base``, each tile is predicted as ``refine`` would predict a scene holding it
+    (overlapping 512 windows, blended). With ``probs_dir``, the probabilities of any other
+    model are read from ``<probs_dir>/<tile stem>.<ext>`` (float in [0, 1] or uint8 0-255).
+    The cache remembers its source: a different base checkpoint (or precision, see
+    :func:`geoprn.inference.autocast_dtype`) starts it afresh.
+
+    Returns:
+        One (H, W) float32 array per tile.
+
+    Raises:
+        InputError: a probability raster is missing or not on its tile's grid.
+    """
+    import zarr  # only PRN training needs it
+
+    if base is not None:  # checked before the cache is touched: a wrong file wipes nothing
+        read_header(base, "base")
+        sha = file_sha256(base)
+        source = sha + _dtype_tag(device, precision)
+        model = load_cached(str(Path(base).resolve()), sha, str(device))  # as refine runs it
+    else:
+        source = str(Path(probs_dir).resolve())
+    group = zarr.open_group(str(cache), mode="a")
+    if group.attrs.get("source") != source:
+        group = zarr.open_group(str(cache), mode="w")
+        group.attrs["source"] = source
+
+    def compute(tile: LabelledTile) -> np.ndarray:
+        if base is not None:
+            return predict_array(
+                model, tile.image, batch_size=batch_size, device=device, precision=precision
+            )
+        return _read_probability_raster(Path(probs_dir), tile)
+
+    return [
+        _cached(group, f"{PROBS_GROUP}/{tile.name}", lambda t=tile: compute(t)) for tile in tiles
+    ]
+
+
+def _dtype_tag(device: torch.device | str, precision: str) -> str:
+    """'' for fp32 inference on ``device``, else '_' and the autocast dtype ('_bfloat16'), so
+    that caches written in fp32 keep their keys."""
+    dtype = autocast_dtype(torch.device(device), precision)
+    return "" if dtype is None else "_" + str(dtype).removeprefix("torch.")
+
+
+def _cached(group, key: str, compute: Callable[[], np.ndarray]) -> np.ndarray:
+    """``group[key]`` of a Zarr cache, computed and stored the first time it is asked for."""
+    if key in group:
+        return np.asarray(group[key][...])
+    values = compute().astype(np.float32)
+    group.create_array(key, data=values, chunks=(512, 512))
+    return values
+
+
+def refined_probabilities(
+    base_probs: Sequence[np.ndarray],
+    names: Sequence[str],
+    cache: str | Path,
+    prn: str | Path,
+    batch_size: int = 8,
+    device: torch.device | str = "cpu",
+    precision: str = "auto",
+) -> list[np.ndarray]:
+    """A PRN's probabilities on tiles, from their base probabilities, cached in the Zarr group
+    of :func:`base_probabilities` (a different PRN file gets its own entries).
+
+    Returns:
+        One (H, W) float32 array per tile.
+    """
+    import zarr
+
+    read_header(prn, "prn")
+    sha = file_sha256(prn)
+    model = load_cached(str(Path(prn).resolve()), sha, str(device))
+    group = zarr.open_group(str(cache), mode="a")
+    return [
+        _cached(
+            group,
+            f"refined_{sha[:16]}{_dtype_tag(device, precision)}/{name}",
+            lambda p=probs: predict_array(model, p[None], 512, 64, batch_size, device, precision),
+        )
+        for probs, name in zip(base_probs, names, strict=True)
+    ]
+
+
+def _read_probability_raster(folder: Path, tile: LabelledTile) -> np.ndarray:
+    stem = Path(tile.name).stem
+    found = [p for p in sorted(folder.glob(f"{stem}.*")) if p.suffix.lower() in IMAGE_SUFFIXES]
+    if not found:
+        raise InputError(f"no probability raster for tile {tile.name} in {folder}")
+    with rasterio.open(found[0]) as ds:
+        if (ds.height, ds.width) != tile.label.shape:
+            raise InputError(f"{found[0]} is {ds.width}x{ds.height}, its tile is not")
+        data = ds.read(1).astype(np.float32)
+        scale = 255.0 if ds.dtypes[0] == "uint8" else 1.0
+    return data / scale  # NaN stays: nodata, left out by train_prn
+
+
+def prn_tile(
+    tile: LabelledTile, probs: np.ndarray, patch_size: int, cache: str | Path | None = None
+) -> LabelledTile:
+    """A PRN training tile: the base probabilities as image, with patch-optimal pseudo-labels.
+
+    The tile is zero-padded (as nodata) to whole patches, so that crops whose origins are
+    multiples of ``patch_size`` see the same patch grid the pseudo-labels were made on. With
+    ``cache`` (the Zarr group of :func:`base_probabilities`), the pseudo-labels are kept there
+    and reused while the tile's labels and valid pixels are unchanged.
+    """
+    h, w = probs.shape
+    pad = ((0, -h % patch_size), (0, -w % patch_size))
+    probs, label, valid = np.pad(probs, pad), np.pad(tile.label, pad), np.pad(tile.valid, pad)
+    fingerprint = [int(label.sum()), int(valid.sum())]
+    key = f"pseudo_p{patch_size}/{tile.name}"
+    group = None
+    if cache is not None:
+        import zarr
+
+        group = zarr.open_group(str(cache), mode="a")
+        if key in group and group[key].attrs.get("labels") == fingerprint:
+            return LabelledTile(tile.name, probs[None], label, valid, group[key][...])
+    pseudo, _ = patch_optimal_labels(probs, label, patch_size, valid)
+    if group is not None:
+        stored = group.create_array(key, data=pseudo.astype(np.uint8), overwrite=True)
+        stored.attrs["labels"] = fingerprint
+    return LabelledTile(tile.name, probs[None], label, valid, pseudo)
+
+
+def pooled_road_iou(predictions: Sequence[np.ndarray], truths: Sequence[LabelledTile]) -> float:
+    """Road IoU of boolean maps, pooled over the valid pixels of their labelled tiles."""
+    pairs = zip(predictions, truths, strict=True)
+    return sum((confusion(p, t.label > 0, t.valid) for p, t in pairs), Confusion()).road_iou
+
+
+def train_prn(
+    tiles: Sequence[str | Path | TilePair],
+    config: dict[str, Any],
+    out_path: str | Path,
+    base: str | Path | None = None,
+    probs_dir: str | Path | None = None,
+    val_fraction: float = 0.2,
+    val_tiles: Sequence[str | Path | TilePair] | None = None,
+    seed: int = 0,
+    resume: bool = False,
+    overwrite: bool = False,
+    max_minutes: float | None = None,
+    device: str = "auto",
+    half: bool = False,
+    progress: Progress | None = None,
+    init: str | Path | None = None,
+) -> dict[str, Any]:
+    """Train a PatchRefineNet for a base model, as the paper does (DESIGN.md).
+
+    The base model's probabilities on the tiles are computed once and cached beside the
+    output (``<out>.cache.zarr``) with the tiles' patch-optimal pseudo-labels made from them.
+    The tiles should be ones the base model never trained on (``splits.json``'s ``val``).
+
+    Args:
+        tiles, config, out_path, val_fraction, val_tiles, seed, resume, overwrite,
+            max_minutes, device, half, progress: as for :func:`train_base`.
+        base: the base checkpoint whose probabilities PRN learns to refine.
+        probs_dir: instead of ``base``, a folder of probability rasters named like the tiles.
+        init: a PRN checkpoint of the config's network to start from (fine-tuning, e.g. the
+            shipped PRN on your own labels) instead of random weights.
+
+    Returns:
+        The summary of :func:`train_base`, plus ``base_val_road_iou``: the base at 0.5 on
+        the validation tiles, for comparison.
+    """
+    started = time.monotonic()
+    out_path = Path(out_path)
+    if (base is None) == (probs_dir is None):
+        raise InputError("give either a base checkpoint (--base) or probabilities (--probs)")
+    base_meta = read_header(base, "base") if base is not None else {}
+    if init is not None:
+        check_init(init, config)
+    state = open_state(out_path, resume, overwrite)
+    device_ = resolve_device(device)
+    train_pairs, val_pairs = choose_split(tiles, val_tiles, val_fraction, seed, config, state)
+    bands = base_meta.get("bands", [1])
+    loaded = load_tiles(
+        train_pairs + val_pairs, bands, base_meta.get("nodata"), float(config["road_width"])
+    )
+    probs = base_probabilities(
+        loaded, cache_path(out_path), base, probs_dir, int(config["val_batch"]), device_
+    )
+    for tile, p in zip(loaded, probs, strict=True):  # NaN (refine's nodata) is nodata here too
+        finite = np.isfinite(p)
+        if not finite.all():
+            tile.valid &= finite
+            np.nan_to_num(p, copy=False, nan=0.0, posinf=0.0, neginf=0.0)
+    patch = int(config["arguments"]["patch_size"])
+    n_train = len(train_pairs)
+    cache = cache_path(out_path)
+    train_data = [
+        prn_tile(t, p, patch, cache) for t, p in zip(loaded[:n_train], probs, strict=False)
+    ]
+    val_truth, val_probs = loaded[n_train:], probs[n_train:]
+    if sum(int(t.valid.sum()) for t in val_truth) == 0:
+        raise InputError("the validation tiles hold no valid pixel (all nodata?)")
+
+    torch.manual_seed(seed)
+    net = PatchRefineNet(**config["arguments"])
+    meta: dict[str, Any] = {
+        "kind": "prn",
+        "architecture": "PatchRefineNet",
+        "arguments": net.arguments,
+        "bands": [1],
+        "tile_size": int(config["tile_size"]),
+        "patch_size": patch,
+        "gsd": base_meta.get("gsd", config.get("gsd")),
+        "output": "probability",
+        "base": (
+            {"sha256": file_sha256(base), "file": Path(base).name}
+            if base is not None
+            else {"probs": str(probs_dir)}
+        ),
+    }
+    model = Predictor(net, meta)
+    if init is not None:
+        net.load_state_dict(load_model(init, "prn").net.state_dict())
+    window, val_batch = int(config["tile_size"]), int(config["val_batch"])
+
+    def loss(model: Predictor, batch: list[torch.Tensor]) -> torch.Tensor:
+        image, label, valid, pseudo = batch
+        global_logits, local_logits = model.net.logits(image)
+        return prn_loss(global_logits, local_logits, pseudo, label, valid)
+
+    def refined_iou(model: Predictor, autocast) -> float:
+        refined = [predict_array(model, p[None], window, 64, val_batch, device_) for p in val_probs]
+        return pooled_road_iou([r > 0.5 for r in refined], val_truth)
+
+    base_iou = pooled_road_iou([p > 0.5 for p in val_probs], val_truth)
+    log.info("base model on the validation tiles: road IoU %.4f at 0.5", base_iou)
+    split, trained_on = split_record(train_pairs, val_pairs, seed, config)
+    trained_on["base_val_road_iou"] = round(base_iou, 6)
+    if init is not None:
+        trained_on["init"] = {"file": Path(init).name, "sha256": file_sha256(init)}
+    length = int(config["steps_per_epoch"]) * int(config["batch_size"])
+    run = Run(
+        model,
+        meta,
+        RandomCrops(train_data, int(config["crop"]), length, seed, step=patch),
+        loss,
+        refined_iou,
+        split,
+        trained_on,
+        pretrained=init is not None,
+    )
+    summary = fit(run, config, out_path, state, started, max_minutes, device_, half, progress)
+    return {**summary, "base_val_road_iou": base_iou}
