@@ -78,9 +78,9 @@ class RefineJob:
         return ["base", "refined"] if self.prn or self.bpr else ["base"]
 
 
-def plan_job(
-    info: SceneInfo,
-    outdir: Path,
+def open_inputs(
+    scene: str | Path,
+    outdir: str | Path,
     base: str | Path | None,
     prn: str | Path | None,
     probs: str | Path | None,
@@ -96,8 +96,21 @@ def plan_job(
     resample: str,
     compile: bool = False,
     threshold: float = 0.5,
+    zarr_format: int = 2,
+    vectors: bool = False,
 ) -> RefineJob:
-    """Check the models, bands and options against the scene; build the job."""
+    """``refine``'s first step: open the scene and check every input and option against it
+    (models, bands, settings) before anything is written; the job says what each block task
+    does.
+
+    Raises:
+        InputError, CheckpointError: one line naming what is wrong.
+    """
+    info = open_scene(scene)
+    if zarr_format not in (2, 3):
+        raise InputError("--zarr-format must be 2 or 3")
+    if vectors and info.crs is None:
+        raise InputError(f"{info.path} has no CRS; road vectors need one (drop --vectors)")
     base_ref = None
     tile = 512
     gsd = None  # the ground sampling distance the models were trained at
@@ -145,7 +158,7 @@ def plan_job(
     stem = Path(info.path).stem
     return RefineJob(
         info,
-        store.OutputPaths(outdir, stem),
+        store.OutputPaths(Path(outdir), stem),
         bands,
         base_ref,
         prn_ref,

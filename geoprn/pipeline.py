@@ -35,9 +35,9 @@ from geoprn.blocks import (
 from geoprn.cluster import connect
 from geoprn.errors import InputError, WriteError
 from geoprn.files import write_error, write_text
-from geoprn.job import RefineJob, plan_job, run_signature
+from geoprn.job import RefineJob, open_inputs, run_signature
 from geoprn.quicklook import write_quicklook
-from geoprn.raster import open_scene, write_mask_cog
+from geoprn.raster import write_mask_cog
 from geoprn.tiling import DEFAULT_BLOCK_SIZE, Block, block_grid
 from geoprn.vectorize import extract_roads, write_roads
 
@@ -134,10 +134,13 @@ def refine(
         The run record, also written to ``<stem>_run.json``.
     """
     started = time.perf_counter()
+    window_cache_bytes()  # a bad setting is refused before any work
     job = open_inputs(
         scene, outdir, base, prn, probs, use_prn, bpr, use_bpr, bands, device, precision,
         batch_size, block_size, overlap, resample, compile, threshold, zarr_format, vectors,
     )  # fmt: skip
+    if job.grid.resampled:
+        log.info("models run at %.3g x the scene's pixel size", job.grid.factor)
     signature = run_signature(job, zarr_format)
     # the scheduler first (a dead address changes nothing), then the outputs, held to the end
     with connect(scheduler) as client, store.exclusive(job.paths), _resumable(job.paths):
@@ -168,44 +171,6 @@ class BlockPlan:
     """Blocks recorded done whose chunks were damaged or missing, computed again."""
     planned: int
     """Windows the blocks to compute hold, at most (:func:`~geoprn.blocks.planned_windows`)."""
-
-
-def open_inputs(
-    scene: str | Path,
-    outdir: str | Path,
-    base: str | Path | None,
-    prn: str | Path | None,
-    probs: str | Path | None,
-    use_prn: bool | None,
-    bpr: str | Path | None,
-    use_bpr: bool | None,
-    bands: list[int] | None,
-    device: str,
-    precision: str,
-    batch_size: int | str,
-    block_size: int,
-    overlap: int,
-    resample: str,
-    compile: bool,
-    threshold: float,
-    zarr_format: int,
-    vectors: bool,
-) -> RefineJob:
-    """Step 1: open the scene and check every input and option against it (models, bands,
-    settings) before anything is written; the job says what each block task does."""
-    window_cache_bytes()  # a bad setting is refused before any work
-    info = open_scene(scene)
-    job = plan_job(
-        info, Path(outdir), base, prn, probs, use_prn, bpr, use_bpr, bands, device, precision,
-        batch_size, block_size, overlap, resample, compile, threshold,
-    )  # fmt: skip
-    if job.grid.resampled:
-        log.info("models run at %.3g x the scene's pixel size", job.grid.factor)
-    if zarr_format not in (2, 3):
-        raise InputError("--zarr-format must be 2 or 3")
-    if vectors and info.crs is None:
-        raise InputError(f"{info.path} has no CRS; road vectors need one (drop --vectors)")
-    return job
 
 
 def plan_blocks(job: RefineJob, signature: dict, zarr_format: int, overwrite: bool) -> BlockPlan:
