@@ -59,13 +59,15 @@ LAPLACIAN = torch.tensor([[0.0, 1.0, 0.0], [1.0, -4.0, 1.0], [0.0, 1.0, 0.0]]).v
 
 
 def edge_map(x: torch.Tensor) -> torch.Tensor:
-    """``|tanh(Laplacian(x))|`` of (N, 1, H, W) maps, replicate-padded: 0 where x is flat.
+    """``|tanh(Laplacian(x))|`` of (N, 1, H, W) maps, replicate-padded: 0 where x is flat."""
+    padded = F.pad(_fp32(x), (1, 1, 1, 1), mode="replicate")
+    return torch.tanh(F.conv2d(padded, LAPLACIAN.to(x.device, padded.dtype))).abs()
 
-    Computed in float32 even under autocast: in bf16, edges of a saturated map round to
-    exactly 1 and the boundary loss's ``log(1 - p)`` to infinity."""
-    with torch.autocast(x.device.type, enabled=False):
-        padded = F.pad(_fp32(x), (1, 1, 1, 1), mode="replicate")
-        return torch.tanh(F.conv2d(padded, LAPLACIAN.to(x.device, padded.dtype))).abs()
+
+EDGE_MAX = 1.0 - 2.0**-8
+"""The largest predicted edge value the boundary loss takes: below 1 also in bf16, whose
+next value under 1 is 1 - 2^-8 (a clamp at 1 - 1e-6 rounds to 1 there, and ``log(1 - p)`` of a
+saturated map's edges was infinite)."""
 
 
 def masked_boundary(
@@ -74,8 +76,15 @@ def masked_boundary(
     """PRN's boundary loss: BCE between the edge maps of the prediction and of the target.
 
     The prediction's edge map is taken of its sigmoid, so it lies in [0, 1) like the target's.
+
+    Known limit (2026-12-03): under bf16 autocast the edge maps are computed in bf16, whose
+    rounding sets faint edges to 0, where the clamp cuts their gradient. Computed in float32
+    instead, the term's gradient ``t / p`` at faint predicted edges swamped the others: PRN
+    learnt no road in ``tests/test_train_prn.py`` and won back 7 % of a synthetic bias instead
+    of 58 % (``benchmarks/research/prn_bias.py``). A formulation that trains in both
+    precisions is still to be found; training runs in bf16 where the device computes it.
     """
-    predicted = _fp32(edge_map(torch.sigmoid(_fp32(logits)))).clamp(1e-6, 1.0 - 1e-6)
+    predicted = edge_map(torch.sigmoid(_fp32(logits))).clamp(1e-6, EDGE_MAX)
     target_edges = edge_map(target)  # BCE written out: F.binary_cross_entropy refuses autocast
     loss = -(target_edges * predicted.log() + (1.0 - target_edges) * (1.0 - predicted).log())
     return _masked_mean(loss, valid)

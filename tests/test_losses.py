@@ -88,7 +88,6 @@ def test_boundary_loss_is_finite_on_saturated_maps_under_bf16_autocast():
     assert torch.isfinite(loss)
     loss.backward()
     assert torch.isfinite(logits.grad).all()
-    assert loss.item() == pytest.approx(masked_boundary(logits.detach(), target, ones).item())
 
 
 def test_prn_loss_composition_and_nodata_gradient():

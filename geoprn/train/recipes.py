@@ -46,12 +46,22 @@ class Recipe(pydantic.BaseModel):
     val_batch: PositiveInt = 4
     workers: Count = 0
     road_width: Annotated[float, Field(gt=0, allow_inf_nan=False)] = 4.0
-    micro_batch: Literal["auto"] | PositiveInt = "auto"
+    micro_batch: str | int = "auto"  # 'auto' or a whole number of crops (checked below)
     # BPR's boxes (kind: bpr)
     box: PositiveInt | None = None
     input_size: PositiveInt | None = None
     nms_iou: Share | None = None
     nms_iou_train: Share | None = None
+
+    @pydantic.field_validator("micro_batch", mode="before")
+    @classmethod
+    def _micro_batch(cls, value: Any) -> str | int:
+        text = str(value)
+        if text == "auto":
+            return text
+        if not (text.isdigit() and int(text) >= 1):
+            raise ValueError(f"must be 'auto' or a whole number of crops, not {text!r}")
+        return int(text)
 
 
 BPR_KEYS = ("box", "input_size", "nms_iou", "nms_iou_train")
@@ -107,6 +117,9 @@ def load_config(name_or_path: str | Path, **overrides: Any) -> dict[str, Any]:
     except pydantic.ValidationError as exc:
         error = exc.errors()[0]
         where = ".".join(str(part) for part in error["loc"]) or "the recipe"
+        if error["type"] == "value_error":  # the message says what was given
+            message = error["msg"].removeprefix("Value error, ")
+            raise InputError(f"{path}: {where} {message}") from None
         got = "" if error["type"] == "missing" else f" (got {error['input']!r})"
         raise InputError(f"{path}: {where}: {error['msg']}{got}") from None
     if recipe.kind == "bpr":
