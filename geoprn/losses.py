@@ -81,8 +81,9 @@ def masked_boundary(
     rounding sets faint edges to 0, where the clamp cuts their gradient. Computed in float32
     instead, the term's gradient ``t / p`` at faint predicted edges swamped the others: PRN
     learnt no road in ``tests/test_train_prn.py`` and won back 7 % of a synthetic bias instead
-    of 58 % (``benchmarks/research/prn_bias.py``). A formulation that trains in both
-    precisions is still to be found; training runs in bf16 where the device computes it.
+    of 68 % (``benchmarks/research/prn_bias.py``, RESULTS.md point 6). A formulation that
+    trains alike in both precisions is still to be found; training runs in bf16 where the
+    device computes it.
     """
     predicted = edge_map(torch.sigmoid(_fp32(logits))).clamp(1e-6, EDGE_MAX)
     target_edges = edge_map(target)  # BCE written out: F.binary_cross_entropy refuses autocast
