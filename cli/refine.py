@@ -2,17 +2,23 @@
 
 from __future__ import annotations
 
+import contextlib
+import glob
+from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import click
 
 from geoprn.cli.output import progress_bar, say
 from geoprn.cli.vectorize import vector_options
+from geoprn.errors import BatchError
 from geoprn.inference import PRECISIONS
 from geoprn.tiling import DEFAULT_BLOCK_SIZE
 
 if TYPE_CHECKING:
     from geoprn.blocks import BlockResult
+    from geoprn.pipeline import RunRecord
 
 
 def _bands(ctx: click.Context, param: click.Parameter, value: str | None) -> list[int] | None:
@@ -25,7 +31,22 @@ def _bands(ctx: click.Context, param: click.Parameter, value: str | None) -> lis
 
 
 @click.command()
-@click.argument("scene", type=click.Path(dir_okay=False))
+@click.argument("scenes", nargs=-1, metavar="SCENE...")
+@click.option(
+    "--scenes",
+    "scenes_file",
+    type=click.Path(dir_okay=False),
+    help="A file of scenes to refine, one path or URL a line (with or instead of SCENE...).",
+)
+@click.option(
+    "--stac",
+    type=click.Path(dir_okay=False),
+    help="A STAC Item or ItemCollection file: each item's asset is a scene, named by its id.",
+)
+@click.option(
+    "--asset",
+    help="The STAC asset to refine (default: visual, else the item's first GeoTIFF asset).",
+)
 @click.option(
     "-o",
     "--outdir",
@@ -127,40 +148,81 @@ def _bands(ctx: click.Context, param: click.Parameter, value: str | None) -> lis
 @vector_options
 @click.option("--overwrite", is_flag=True, help="Replace outputs of a different command.")
 def refine(
-    scene,
+    scenes,
+    scenes_file,
+    stac,
+    asset,
     outdir,
-    base,
-    prn,
-    probs,
     refiner,
-    bpr,
     no_prn,
-    bands,
-    device,
-    precision,
-    batch_size,
-    block_size,
-    overlap,
     compile_models,
-    scheduler,
-    threads,
-    threshold,
-    zarr_format,
-    resample,
-    vectors,
     simplify,
     min_length,
-    overwrite,
+    zarr_format,
+    **options,
 ) -> None:
-    """Segment roads in SCENE; write probabilities (Zarr), a road mask (COG) and, with
+    """Segment roads in each SCENE; write probabilities (Zarr), a road mask (COG) and, with
     --vectors, road centrelines (GeoPackage) to OUTDIR.
+
+    A SCENE is a file, an https:// or s3:// URL (or a GDAL /vsi path), a folder (its
+    GeoTIFFs) or a glob. Given more than one scene (or --scenes, --stac), the models load
+    once, a scene that fails is reported and skipped, and a table of every scene is printed
+    and written to OUTDIR/batch.json; the exit status is 0 only if every scene succeeded.
 
     Rerunning the same command after a crash computes only the blocks that are missing.
     """
+    from geoprn.batch import gather_scenes, refine_batch, summary_table
     from geoprn.pipeline import refine as run_refine  # Dask and Zarr load only when needed
 
     auto = refiner == "auto" and not no_prn  # the default rule: validated refiners only
-    bar = progress_bar(unit="window", desc="refine")  # windows: a block can take minutes
+    options.update(
+        use_prn=None if auto else "prn" in refiner and not no_prn,
+        use_bpr=None if auto else "bpr" in refiner,
+        compile=compile_models,
+        zarr_format=int(zarr_format),
+        simplify_m=simplify,
+        min_length_m=min_length,
+    )
+    single = len(scenes) == 1 and scenes_file is None and stac is None
+    if single and not _names_many(scenes[0]):
+        with _progress(scenes[0]) as callbacks:
+            record = run_refine(scenes[0], outdir, **options, **callbacks)
+        _say_record(record)
+        return
+    if options["probs"] is not None:
+        raise click.UsageError("--probs holds one scene's probabilities: give one SCENE")
+    sources = gather_scenes(scenes, scenes_file, stac, asset)
+    if not sources:
+        raise click.UsageError("give at least one SCENE, --scenes FILE or --stac FILE")
+    with contextlib.ExitStack() as stack:
+
+        def callbacks(source):
+            stack.close()  # the previous scene's bar
+            return stack.enter_context(_progress(source.name))
+
+        report = refine_batch(sources, outdir, callbacks=callbacks, **options)
+    say(summary_table(report))
+    if report.failed:
+        raise BatchError(
+            f"{len(report.failed)} of {len(report.scenes)} scenes failed "
+            f"(see {Path(outdir) / 'batch.json'}); rerun the same command to resume"
+        )
+
+
+def _names_many(scene: str) -> bool:
+    """Whether one SCENE argument names a batch: a folder or a glob."""
+    from geoprn.remote import is_remote
+
+    path = Path(scene)
+    return not is_remote(scene) and (
+        (path.is_dir() and path.suffix != ".zarr") or (not path.exists() and glob.has_magic(scene))
+    )
+
+
+@contextlib.contextmanager
+def _progress(name: str) -> Iterator[dict[str, Callable]]:
+    """A progress bar over one scene's windows, as ``refine``'s callbacks."""
+    bar = progress_bar(unit="window", desc=Path(name).stem or "refine")
 
     def on_windows(run: int, planned: int) -> None:
         if bar.total is None:
@@ -171,38 +233,14 @@ def refine(
         bar.set_postfix(blocks=f"{done}/{total}")
 
     try:
-        record = run_refine(
-            scene,
-            outdir,
-            base=base,
-            prn=prn,
-            probs=probs,
-            use_prn=None if auto else "prn" in refiner and not no_prn,
-            bpr=bpr,
-            use_bpr=None if auto else "bpr" in refiner,
-            bands=bands,
-            device=device,
-            precision=precision,
-            batch_size=batch_size,
-            block_size=block_size,
-            overlap=overlap,
-            compile=compile_models,
-            scheduler=scheduler,
-            threads=threads,
-            threshold=threshold,
-            overwrite=overwrite,
-            zarr_format=int(zarr_format),
-            resample=resample,
-            vectors=vectors,
-            simplify_m=simplify,
-            min_length_m=min_length,
-            progress=progress,
-            on_windows=on_windows,
-        )
+        yield {"progress": progress, "on_windows": on_windows}
         bar.total = bar.n  # fewer than planned where windows were nodata
         bar.refresh()
     finally:
         bar.close()
+
+
+def _say_record(record: RunRecord) -> None:
     blocks = record.blocks
     say(
         f"{blocks['computed']} blocks computed, {blocks['skipped']} skipped (nodata), "

@@ -224,8 +224,8 @@ def shared_windows(job: RefineJob, origins: tuple[np.ndarray, np.ndarray]) -> li
     if job.grid.resampled:  # the blocks' regions on the work grid, as process_block asks them
         spans = tuple([job.grid.support(span) for span in axis] for axis in spans)
     SHARED_WINDOWS.max_bytes = window_cache_bytes()  # this process's setting
-    inputs = [job.scene.path, job.probs] if job.probs else [job.scene.path]
-    key = (repr(job), *((st.st_size, st.st_mtime_ns) for st in map(os.stat, inputs)))
+    probs = os.stat(job.probs) if job.probs else None  # (the scene's version is in the job)
+    key = (repr(job), probs and (probs.st_size, probs.st_mtime_ns))
     return SharedWindows.chain(SHARED_WINDOWS, key, origins, spans, job.tile, len(job.stages))
 
 

@@ -29,5 +29,9 @@ class SchedulerError(GeoprnError):
     """The Dask scheduler cannot be reached or a block task failed."""
 
 
+class BatchError(GeoprnError):
+    """A batch finished, but some of its scenes failed (each said why in the batch report)."""
+
+
 class GeoprnWarning(UserWarning):
     """Something the user should know that does not stop the run (the CLI prints it once)."""

@@ -53,14 +53,15 @@ def _existing(path: Path) -> Path:
 
 
 @contextlib.contextmanager
-def writing(path: Path) -> Iterator[None]:
+def writing(path: Path, extra: tuple[type[BaseException], ...] = ()) -> Iterator[None]:
     """Turn a failed write of ``path`` into :func:`write_error`'s one line (a
-    :class:`~geoprn.errors.GeoprnError` raised inside passes unchanged)."""
+    :class:`~geoprn.errors.GeoprnError` raised inside passes unchanged); ``extra``: the
+    exceptions of another writer (pyogrio's) to treat alike."""
     try:
         yield
     except GeoprnError:
         raise
-    except WRITE_ERRORS as exc:
+    except (*WRITE_ERRORS, *extra) as exc:
         raise write_error(path, exc) from None
 
 

@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import asdict, dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
+from urllib.parse import urlsplit
 
 from geoprn import store
 from geoprn.errors import GeoprnWarning, InputError
@@ -25,6 +26,7 @@ from geoprn.raster import (
     check_threshold,
     open_scene,
 )
+from geoprn.remote import is_remote
 from geoprn.tiling import DEFAULT_BLOCK_SIZE
 
 
@@ -98,10 +100,11 @@ def open_inputs(
     threshold: float = 0.5,
     zarr_format: int = 2,
     vectors: bool = False,
+    name: str | None = None,
 ) -> RefineJob:
     """``refine``'s first step: open the scene and check every input and option against it
     (models, bands, settings) before anything is written; the job says what each block task
-    does.
+    does. ``name`` names the outputs (default: the scene's file name, :func:`scene_stem`).
 
     Raises:
         InputError, CheckpointError: one line naming what is wrong.
@@ -155,7 +158,7 @@ def open_inputs(
     if block_size <= 0 or block_size % store.CHUNK:
         raise InputError(f"--block-size must be a positive multiple of {store.CHUNK}")
     autocast_dtype(resolve_device(device), precision)  # fail early; workers resolve it again
-    stem = Path(info.path).stem
+    stem = name or scene_stem(info.path)
     return RefineJob(
         info,
         store.OutputPaths(Path(outdir), stem),
@@ -258,14 +261,18 @@ def _check_probabilities(path: Path, info: SceneInfo) -> None:
         raise InputError(f"{path} has {other.count} bands; a probability raster has one")
 
 
+def scene_stem(path: str) -> str:
+    """The name a scene's outputs take: its file name without the extension (of a URL's
+    path, without its query)."""
+    return PurePosixPath(urlsplit(path).path).stem if is_remote(path) else Path(path).stem
+
+
 def run_signature(job: RefineJob, zarr_format: int) -> dict:
-    """What makes two runs the same command: everything that changes the outputs."""
-    scene = Path(job.scene.path)
-    stat = scene.stat()
+    """What makes two runs the same command: everything that changes the outputs (the
+    scene's content as its size and time, or for a remote scene its ETag, say)."""
     return {
-        "scene": str(scene),
-        "scene_bytes": stat.st_size,
-        "scene_mtime_ns": stat.st_mtime_ns,
+        "scene": job.scene.path,
+        **job.scene.version,
         "base": job.base and asdict(job.base),
         "prn": job.prn and asdict(job.prn),
         "bpr": job.bpr and asdict(job.bpr),

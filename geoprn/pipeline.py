@@ -56,6 +56,8 @@ class RunRecord:
     windows: int = 0
     seconds: dict[str, float] = field(default_factory=dict)
     outputs: dict[str, str] = field(default_factory=dict)
+    area_km2: float | None = None
+    """The scene's ground area, where its CRS says it."""
 
 
 def refine(
@@ -85,6 +87,8 @@ def refine(
     min_length_m: float = 10.0,
     progress: Callable[[int, int, BlockResult | None], None] | None = None,
     on_windows: Callable[[int, int], None] | None = None,
+    name: str | None = None,
+    client: Client | None = None,
 ) -> RunRecord:
     """Segment roads over a whole scene and write Zarr probabilities and a COG mask.
 
@@ -129,6 +133,9 @@ def refine(
         on_windows: called as ``on_windows(run, planned)`` with the windows each forward pass
             ran (each block on a cluster), and once with ``(0, planned)`` before the first:
             ``planned`` is :func:`planned_windows`, an upper bound where windows are nodata.
+        name: what the outputs are named after (default: the scene's file name).
+        client: a connected ``distributed`` client to run the blocks on, instead of
+            ``scheduler`` (:func:`geoprn.batch.refine_batch` shares one between scenes).
 
     Returns:
         The run record, also written to ``<stem>_run.json``.
@@ -138,12 +145,14 @@ def refine(
     job = open_inputs(
         scene, outdir, base, prn, probs, use_prn, bpr, use_bpr, bands, device, precision,
         batch_size, block_size, overlap, resample, compile, threshold, zarr_format, vectors,
+        name,
     )  # fmt: skip
     if job.grid.resampled:
         log.info("models run at %.3g x the scene's pixel size", job.grid.factor)
     signature = run_signature(job, zarr_format)
     # the scheduler first (a dead address changes nothing), then the outputs, held to the end
-    with connect(scheduler) as client, store.exclusive(job.paths), _resumable(job.paths):
+    connected = contextlib.nullcontext(client) if client is not None else connect(scheduler)
+    with connected as client, store.exclusive(job.paths), _resumable(job.paths):
         plan = plan_blocks(job, signature, zarr_format, overwrite)
         job = replace(job, threads=threads or local_threads(device))
         results = compute_blocks(job, plan, client, progress, on_windows)
@@ -291,6 +300,7 @@ def record_run(
         windows=sum(r.windows for r in computed),
         seconds={name: round(value, 3) for name, value in seconds.items()},
         outputs={name: str(path) for name, path in outputs.items()},
+        area_km2=job.scene.area_km2 and round(job.scene.area_km2, 6),
     )
     write_text(job.paths.run_json, json.dumps(asdict(record), indent=1))
     return record

@@ -10,7 +10,7 @@ import warnings
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +25,7 @@ from rasterio.windows import Window
 
 from geoprn.errors import GeoprnWarning, InputError
 from geoprn.files import replacing
+from geoprn.remote import is_remote, read_settings, remote_version
 from geoprn.tiling import Range
 
 log = logging.getLogger(__name__)
@@ -54,6 +55,9 @@ class SceneInfo:
     has_transform: bool = True
     """False when the raster has no geotransform (``transform`` is then rasterio's identity
     stand-in, which the outputs do not carry)."""
+    version: dict[str, Any] = field(default_factory=dict)
+    """What identifies the file's content when opened: size and modification time, or for a
+    remote scene what its server reports (:func:`geoprn.remote.remote_version`)."""
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -66,6 +70,14 @@ class SceneInfo:
             return None
         y, x = pixel_size_m(self.crs, self.transform, self.height)
         return float(np.sqrt(y * x))
+
+    @property
+    def area_km2(self) -> float | None:
+        """The scene's ground area in km², if its CRS is known."""
+        if self.crs is None or not self.has_transform:
+            return None
+        y, x = pixel_size_m(self.crs, self.transform, self.height)
+        return y * x * self.width * self.height / 1e6
 
     @property
     def pixel_area_m2(self) -> float | None:
@@ -95,19 +107,29 @@ def pixel_size_m(crs: Any, transform: Affine, height: int) -> tuple[float, float
 def open_scene(path: str | Path) -> SceneInfo:
     """Open and validate a raster: it exists, GDAL reads it, it is whole and large enough.
 
-    A scene without a CRS is accepted with a warning; its outputs carry no CRS either.
+    A scene without a CRS is accepted with a warning; its outputs carry no CRS either. A
+    remote scene (``https://``, ``s3://``, ``/vsi...``: :mod:`geoprn.remote`) is read through
+    GDAL's virtual file systems; its ``version`` is what the server says of it.
     """
-    path = Path(path)
-    if not path.exists():
-        raise InputError(f"file not found: {path}")
-    if path.is_dir() and not path.suffix == ".zarr":
-        raise InputError(f"{path} is a folder, not a raster")
+    remote = is_remote(path)
+    if remote:
+        version = remote_version(str(path))
+        name = str(path)
+    else:
+        path = Path(path)
+        if not path.exists():
+            raise InputError(f"file not found: {path}")
+        if path.is_dir() and not path.suffix == ".zarr":
+            raise InputError(f"{path} is a folder, not a raster")
+        stat = path.stat()
+        version = {"scene_bytes": stat.st_size, "scene_mtime_ns": stat.st_mtime_ns}
+        name = str(path.resolve())
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", NotGeoreferencedWarning)
-            with rasterio.open(path) as ds:
+            with rasterio.Env(**read_settings(path)), rasterio.open(path) as ds:
                 info = SceneInfo(
-                    path=str(path.resolve()),
+                    path=name,
                     width=ds.width,
                     height=ds.height,
                     count=ds.count,
@@ -116,8 +138,10 @@ def open_scene(path: str | Path) -> SceneInfo:
                     transform=ds.transform,
                     nodata=ds.nodata,
                     has_transform=has_geotransform(ds),
+                    version=version,
                 )
-                _check_complete(ds, path)
+                if not remote:
+                    _check_complete(ds, path)
     except RasterioError as exc:
         raise InputError(f"{path} is not a raster GDAL can read ({_first_line(exc)})") from None
     if min(info.width, info.height) < MIN_SIDE:
@@ -184,7 +208,8 @@ def open_raster(path: str | Path) -> Iterator[rasterio.DatasetReader]:
     for a raster without georeferencing: ``open_scene`` has decided about those)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", NotGeoreferencedWarning)
-        with rasterio.Env(GDAL_NUM_THREADS=GDAL_THREADS), rasterio.open(path) as ds:
+        settings = {"GDAL_NUM_THREADS": GDAL_THREADS, **read_settings(path)}
+        with rasterio.Env(**settings), rasterio.open(path) as ds:
             yield ds
 
 

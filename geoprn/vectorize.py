@@ -28,6 +28,7 @@ from pathlib import Path
 import dask
 import numpy as np
 import pyogrio
+import pyogrio.errors
 import rasterio
 import shapely
 import zarr
@@ -40,6 +41,7 @@ from skimage.morphology import skeletonize
 
 from geoprn import raster
 from geoprn.errors import InputError, OutputError
+from geoprn.files import writing
 from geoprn.tiling import Range, block_grid
 
 HALO = 64
@@ -353,18 +355,23 @@ def write_roads(
             del columns["mean_probability"]
         if rfc7946 and roads.crs is not None:
             options["layer_options"] = {"RFC7946": "YES"}
-    pyogrio.raw.write(
-        tmp,
-        geometry=wkb,
-        field_data=list(columns.values()),
-        fields=list(columns),
-        geometry_type="LineString",
-        crs=None if roads.crs is None else roads.crs.to_wkt(),
-        driver=driver,
-        layer="roads",
-        **options,
-    )
-    tmp.replace(path)
+    try:
+        with writing(path, extra=(pyogrio.errors.DataSourceError, pyogrio.errors.DataLayerError)):
+            pyogrio.raw.write(
+                tmp,
+                geometry=wkb,
+                field_data=list(columns.values()),
+                fields=list(columns),
+                geometry_type="LineString",
+                crs=None if roads.crs is None else roads.crs.to_wkt(),
+                driver=driver,
+                layer="roads",
+                **options,
+            )
+            tmp.replace(path)
+    finally:  # a failed write leaves nothing (SQLite's journal of a GeoPackage included)
+        for leftover in tmp.parent.glob(f"{tmp.name}*"):
+            leftover.unlink(missing_ok=True)
     return path
 
 

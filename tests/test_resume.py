@@ -242,3 +242,36 @@ def test_a_full_disk_is_one_line_leaves_no_temporary_file_and_resumes(
     assert result.exit_code == 0, result.output
     assert_same_outputs(out, reference)
     assert leftovers(small_disk) == []
+
+
+def test_a_full_disk_while_writing_road_vectors(small_disk, scene, models):
+    """``refine --vectors`` on a disk that fills while the GeoPackage is written: one line
+    naming it, nothing partial left, and the rerun (space freed) writes it whole."""
+    vectors = [*options(models), "--device", "cpu", "--vectors"]
+    reference = small_disk / "reference"
+    before = shutil.disk_usage(small_disk).used
+    result = CliRunner().invoke(cli, ["refine", str(scene), "-o", str(reference), *vectors])
+    assert result.exit_code == 0, result.output
+    needs = shutil.disk_usage(small_disk).used - before
+    gpkg = reference / f"{STEM}_roads.gpkg"
+    filler = fill(small_disk, needs - gpkg.stat().st_size // 2)
+
+    out = small_disk / "out"
+    result = CliRunner().invoke(cli, ["refine", str(scene), "-o", str(out), *vectors])
+    assert result.exit_code == 1, result.output
+    assert isinstance(result.exception, SystemExit), result.exception  # no traceback
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and f"cannot write {out / f'{STEM}_roads.gpkg'}" in lines[0], lines
+    assert "No space left on device" in lines[0] and "resume" in lines[0], lines
+    assert leftovers(small_disk) == [] and not (out / f"{STEM}_roads.gpkg").exists()
+
+    filler.unlink()
+    result = CliRunner().invoke(cli, ["refine", str(scene), "-o", str(out), *vectors])
+    assert result.exit_code == 0, result.output
+    assert_same_outputs(out, reference)
+    import pyogrio
+
+    assert (
+        pyogrio.read_info(out / f"{STEM}_roads.gpkg")["features"]
+        == (pyogrio.read_info(gpkg)["features"])
+    )

@@ -31,7 +31,7 @@ from geoprn.train import (
     state_path,
     train_base,
 )
-from tests.conftest import crop_tiles
+from tests.conftest import SMALL_BASE_RECIPE, crop_tiles
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 MASS = DATA / "massachusetts" / "train"
@@ -42,25 +42,6 @@ SOURCES = {
     "21328975_15.png": (500, 500),
     "25229185_15.png": (700, 700),
     "18778720_15.png": (500, 900),
-}
-SMALL = {
-    "architecture": "Unet",
-    "arguments": {
-        "encoder_name": "mobilenet_v2",
-        "in_channels": 3,
-        "encoder_depth": 3,
-        "decoder_channels": [32, 16, 8],
-    },
-    "bands": [1, 2, 3],
-    "gsd": 1.0,
-    "nodata": 255,
-    "crop": 128,  # at 64 px the run learned no roads in 40 steps (val road IoU 0)
-    "batch_size": 4,
-    "lr": 3e-3,
-    "epochs": 2,
-    "steps_per_epoch": 20,
-    "patience": 5,
-    "val_batch": 1,
 }
 
 pytestmark = pytest.mark.skipif(not MASS.is_dir(), reason=f"real data not found at {DATA}")
@@ -98,7 +79,7 @@ def tiles(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def config(tmp_path_factory) -> dict:
     path = tmp_path_factory.mktemp("cfg") / "small.yaml"
-    path.write_text(yaml.safe_dump(SMALL))
+    path.write_text(yaml.safe_dump(SMALL_BASE_RECIPE))
     return load_config(path)
 
 
@@ -251,7 +232,7 @@ def test_cli_refuses_to_overwrite_and_bad_config(tmp_path):
 
 def test_cli_trains_and_resumes(tiles, tmp_path):
     cfg = tmp_path / "small.yaml"
-    cfg.write_text(yaml.safe_dump({**SMALL, "steps_per_epoch": 2}))
+    cfg.write_text(yaml.safe_dump({**SMALL_BASE_RECIPE, "steps_per_epoch": 2}))
     out = tmp_path / "cli.safetensors"
     args = [
         str(tiles),

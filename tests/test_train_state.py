@@ -16,28 +16,10 @@ from click.testing import CliRunner
 
 from geoprn.cli.main import cli
 from geoprn.train import state_path
-from tests.conftest import SHARED_DATA, crop_tiles
+from tests.conftest import SHARED_DATA, SMALL_BASE_RECIPE, crop_tiles
 
 MASS = SHARED_DATA / "massachusetts" / "train"
-CONFIG = {
-    "architecture": "Unet",
-    "arguments": {
-        "encoder_name": "mobilenet_v2",
-        "in_channels": 3,
-        "encoder_depth": 3,
-        "decoder_channels": [32, 16, 8],
-    },
-    "bands": [1, 2, 3],
-    "gsd": 1.0,
-    "nodata": 255,
-    "crop": 64,
-    "batch_size": 2,
-    "lr": 3e-3,
-    "epochs": 1,
-    "steps_per_epoch": 1,
-    "patience": 5,
-    "val_batch": 1,
-}
+CONFIG = {**SMALL_BASE_RECIPE, "crop": 64, "batch_size": 2, "epochs": 1, "steps_per_epoch": 1}
 
 pytestmark = pytest.mark.skipif(not MASS.is_dir(), reason=f"real data not found at {MASS}")
 

@@ -1,0 +1,291 @@
+"""``refine`` over many scenes in one run: paths, globs and folders, a list file, or a file of
+STAC items; each scene keeps its own outputs and resume, and a scene that fails is reported
+and skipped while the others finish.
+
+The models load once per process (:func:`geoprn.models.checkpoint.load_cached`) and every
+scene's blocks go to the same scheduler (one ``distributed`` client for the batch). The
+report, a row per scene, is written to ``OUTDIR/batch.json`` after each scene, so a batch
+stopped at any point says where it stood; the same command resumes every scene.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import logging
+import time
+import traceback
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from geoprn.cluster import connect
+from geoprn.errors import GeoprnError, InputError
+from geoprn.files import write_text
+from geoprn.job import scene_stem
+from geoprn.remote import is_remote
+
+log = logging.getLogger(__name__)
+
+GEOTIFF_SUFFIXES = (".tif", ".tiff")
+"""What a folder given as a scene contributes: its GeoTIFFs."""
+
+GEOTIFF_MEDIA = ("image/tiff", "image/geotiff")
+"""STAC asset media types of a GeoTIFF (``image/tiff; application=geotiff[; profile=...]``)."""
+
+
+@dataclass(frozen=True)
+class SceneSource:
+    """One scene of a batch: where it is read from and the name its outputs take."""
+
+    uri: str
+    name: str
+    problem: str | None = None
+    """Why it cannot be run, when that is known before it runs (a STAC item without the
+    asset, a glob that matches nothing)."""
+
+
+@dataclass
+class SceneOutcome:
+    """One row of the batch report."""
+
+    scene: str
+    uri: str
+    status: str = "pending"  # pending | done | failed | interrupted
+    reason: str | None = None
+    computed: int = 0
+    resumed: int = 0
+    skipped: int = 0
+    windows: int = 0
+    area_km2: float | None = None
+    seconds: float = 0.0
+
+
+@dataclass
+class BatchReport:
+    """The batch's rows, in the order the scenes were given."""
+
+    scenes: list[SceneOutcome] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def failed(self) -> list[SceneOutcome]:
+        return [row for row in self.scenes if row.status != "done"]
+
+
+def gather_scenes(
+    arguments: Sequence[str],
+    scenes_file: str | Path | None = None,
+    stac: str | Path | None = None,
+    asset: str | None = None,
+) -> list[SceneSource]:
+    """The scenes a batch runs, in order: each argument (a file, a URL, a folder's GeoTIFFs,
+    or a glob's matches, sorted), then each line of ``scenes_file`` (one path or URL a line,
+    relative to the current folder; blank lines and ``#`` comments skipped), then each item
+    of the STAC file ``stac`` (:func:`stac_scenes`).
+
+    Raises:
+        InputError: ``scenes_file`` or ``stac`` cannot be read, or two scenes would write
+            the same outputs.
+    """
+    entries = list(arguments)
+    if scenes_file is not None:
+        try:
+            lines = Path(scenes_file).read_text().splitlines()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise InputError(f"cannot read the scene list {scenes_file}: {exc}") from None
+        entries += [line.strip() for line in lines if line.strip() and not line.startswith("#")]
+    sources = [source for entry in entries for source in _expand(entry)]
+    if stac is not None:
+        sources += stac_scenes(stac, asset)
+    _check_names(sources)
+    return sources
+
+
+def _expand(entry: str) -> list[SceneSource]:
+    """The scenes one argument names: itself, a folder's GeoTIFFs, or a glob's matches."""
+    if is_remote(entry):
+        return [SceneSource(entry, scene_stem(entry))]
+    path = Path(entry)
+    if path.is_dir() and path.suffix != ".zarr":
+        found = sorted(p for p in path.iterdir() if p.suffix.lower() in GEOTIFF_SUFFIXES)
+        if not found:
+            return [SceneSource(entry, entry, f"{entry} holds no GeoTIFF (.tif, .tiff)")]
+        return [SceneSource(str(p), p.stem) for p in found]
+    if not path.exists() and glob.has_magic(entry):
+        matches = sorted(glob.glob(entry, recursive=True))
+        if not matches:
+            return [SceneSource(entry, entry, f"no file matches {entry}")]
+        return [SceneSource(m, Path(m).stem) for m in matches]
+    return [SceneSource(entry, path.stem)]
+
+
+def stac_scenes(path: str | Path, asset: str | None = None) -> list[SceneSource]:
+    """A scene per STAC Item of ``path`` (an Item, or an ItemCollection / FeatureCollection):
+    its asset ``asset``, or without one its ``visual`` asset, else its first GeoTIFF asset;
+    named by the item's id. An item without such an asset is a scene with its problem.
+
+    Raises:
+        InputError: the file is not a STAC Item or ItemCollection.
+    """
+    import pystac
+
+    try:
+        document = json.loads(Path(path).read_text())
+        kind = document.get("type") if isinstance(document, dict) else None
+        if kind == "Feature":
+            items = [pystac.Item.from_dict(document)]
+        elif kind == "FeatureCollection":
+            items = list(pystac.ItemCollection.from_dict(document))
+        else:
+            raise ValueError(f"its type is {kind!r}, not Feature or FeatureCollection")
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InputError(f"cannot read the STAC file {path}: {exc}") from None
+    except (ValueError, KeyError, TypeError, pystac.STACError) as exc:
+        raise InputError(f"{path} is not a STAC Item or ItemCollection: {exc}") from None
+    base = Path(path).resolve().parent
+    return [_item_scene(item, asset, base) for item in items]
+
+
+def _item_scene(item: Any, key: str | None, base: Path) -> SceneSource:
+    """The scene of one STAC item (relative asset hrefs are relative to the STAC file)."""
+    assets = item.assets
+    if key is None:
+        key = (
+            "visual"
+            if "visual" in assets
+            else next((k for k, a in assets.items() if _is_geotiff(a.media_type, a.href)), None)
+        )
+    if key is None or key not in assets:
+        wanted = f"asset {key!r}" if key else "GeoTIFF asset"
+        return SceneSource("", item.id, f"STAC item {item.id} has no {wanted}")
+    href = assets[key].href
+    if not is_remote(href) and not Path(href).is_absolute():
+        href = str(base / href)
+    return SceneSource(href, item.id)
+
+
+def _is_geotiff(media_type: str | None, href: str) -> bool:
+    if media_type:
+        return media_type.split(";")[0].strip().lower() in GEOTIFF_MEDIA
+    return href.lower().split("?")[0].endswith(GEOTIFF_SUFFIXES)
+
+
+def _check_names(sources: Iterable[SceneSource]) -> None:
+    """Refuse a batch in which two scenes would write the same outputs."""
+    seen: dict[str, str] = {}
+    for source in (s for s in sources if s.problem is None):
+        if source.name in seen and seen[source.name] != source.uri:
+            raise InputError(
+                f"{seen[source.name]} and {source.uri} would both write outputs named "
+                f"'{source.name}'; run them into different folders"
+            )
+        seen[source.name] = source.uri
+
+
+def refine_batch(
+    sources: Sequence[SceneSource],
+    outdir: str | Path,
+    scheduler: str | None = None,
+    callbacks: Callable[[SceneSource], dict[str, Callable]] | None = None,
+    **options: Any,
+) -> BatchReport:
+    """Run :func:`geoprn.pipeline.refine` on every scene into ``outdir``, one after another
+    on one scheduler, and report each (``outdir/batch.json``, rewritten after each scene).
+
+    Args:
+        sources: the scenes (:func:`gather_scenes`).
+        outdir: the folder every scene's outputs go to, each under its own name.
+        scheduler: a ``distributed`` scheduler's address, connected once for the batch.
+        callbacks: gives a scene's ``progress`` / ``on_windows`` callbacks of ``refine``.
+        options: ``refine``'s other arguments, the same for every scene.
+
+    Raises:
+        SchedulerError: the scheduler cannot be reached (no scene is run).
+        KeyboardInterrupt: after recording the scene that was running as interrupted.
+    """
+    from geoprn.pipeline import refine
+
+    started = time.perf_counter()
+    report = BatchReport([SceneOutcome(s.name, s.uri) for s in sources])
+    report_path = Path(outdir) / "batch.json"
+    with connect(scheduler) as client:
+        for source, row in zip(sources, report.scenes, strict=True):
+            if source.problem is not None:
+                row.status, row.reason = "failed", source.problem
+                _save(report, report_path, started)
+                continue
+            began = time.perf_counter()
+            try:
+                record = refine(
+                    source.uri, outdir, name=source.name, scheduler=scheduler, client=client,
+                    **options, **(callbacks(source) if callbacks else {}),
+                )  # fmt: skip
+            except KeyboardInterrupt:
+                row.status, row.seconds = "interrupted", time.perf_counter() - began
+                _save(report, report_path, started)
+                raise
+            except GeoprnError as exc:
+                row.status, row.reason = "failed", str(exc)
+            except Exception as exc:  # noqa: BLE001 - one scene's failure stays its own
+                row.status, row.reason = "failed", f"{type(exc).__name__}: {exc}"
+                log.info("%s failed:\n%s", source.uri, traceback.format_exc())
+            else:
+                blocks = record.blocks
+                row.status, row.windows, row.area_km2 = "done", record.windows, record.area_km2
+                row.computed, row.resumed = blocks["computed"], blocks["resumed"]
+                row.skipped = blocks["skipped"]
+            row.seconds = round(time.perf_counter() - began, 3)
+            if row.status == "failed":
+                log.warning("%s: failed: %s", source.name, row.reason)
+            _save(report, report_path, started)
+    return report
+
+
+def _save(report: BatchReport, path: Path, started: float) -> None:
+    """Write the report as it stands (atomically)."""
+    report.seconds = round(time.perf_counter() - started, 3)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_text(path, json.dumps(asdict(report), indent=1))
+
+
+def summary_table(report: BatchReport) -> str:
+    """The report as a plain-text table, a row per scene and a total."""
+    header = ("scene", "status", "computed", "resumed", "skipped", "windows", "km²", "seconds")
+    rows = [
+        (
+            r.scene,
+            r.status,
+            str(r.computed),
+            str(r.resumed),
+            str(r.skipped),
+            str(r.windows),
+            "-" if r.area_km2 is None else f"{r.area_km2:.3f}",
+            f"{r.seconds:.1f}",
+        )  # fmt: skip
+        for r in report.scenes
+    ]
+    done = [r for r in report.scenes if r.status == "done"]
+    area = sum(r.area_km2 or 0.0 for r in done)
+    rows.append(
+        (
+            f"{len(report.scenes)} scenes",
+            f"{len(done)} done",
+            *(str(sum(getattr(r, k) for r in done)) for k in ("computed", "resumed", "skipped")),
+            str(sum(r.windows for r in done)),
+            f"{area:.3f}",
+            f"{report.seconds:.1f}",
+        )  # fmt: skip
+    )
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+
+    def line(cells: Sequence[str]) -> str:
+        return "  ".join(
+            c.ljust(w) if i < 2 else c.rjust(w)
+            for i, (c, w) in enumerate(zip(cells, widths, strict=True))
+        )
+
+    lines = [line(header), *(line(r) for r in rows[:-1]), line(rows[-1])]
+    lines += [f"{r.scene}: {r.reason}" for r in report.scenes if r.reason]
+    return "\n".join(lines)
