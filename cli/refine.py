@@ -162,12 +162,13 @@ def refine(
     **options,
 ) -> None:
     """Segment roads in each SCENE; write probabilities (Zarr), a road mask (COG) and, with
-    --vectors, road centrelines (GeoPackage) to OUTDIR.
+    --vectors, road centrelines (GeoPackage) to OUTDIR, a folder or an s3://bucket/prefix/.
 
-    A SCENE is a file, an https:// or s3:// URL (or a GDAL /vsi path), a folder (its
-    GeoTIFFs) or a glob. Given more than one scene (or --scenes, --stac), the models load
-    once, a scene that fails is reported and skipped, and a table of every scene is printed
-    and written to OUTDIR/batch.json; the exit status is 0 only if every scene succeeded.
+    A SCENE is a file, an https:// or s3:// URL (or a GDAL /vsi path), a folder or an
+    s3://bucket/prefix/ (its GeoTIFFs), or a glob. Given more than one scene (or --scenes,
+    --stac), the models load once, a scene that fails is reported and skipped, and a table
+    of every scene is printed and written to OUTDIR/batch.json; the exit status is 0 only
+    if every scene succeeded.
 
     Rerunning the same command after a crash computes only the blocks that are missing.
     """
@@ -205,14 +206,16 @@ def refine(
     if report.failed:
         raise BatchError(
             f"{len(report.failed)} of {len(report.scenes)} scenes failed "
-            f"(see {Path(outdir) / 'batch.json'}); rerun the same command to resume"
+            f"(see {str(outdir).rstrip('/')}/batch.json); rerun the same command to resume"
         )
 
 
 def _names_many(scene: str) -> bool:
-    """Whether one SCENE argument names a batch: a folder or a glob."""
+    """Whether one SCENE argument names a batch: a folder, a bucket prefix or a glob."""
     from geoprn.remote import is_remote
 
+    if scene.startswith("s3://"):
+        return scene.endswith("/") or glob.has_magic(scene)
     path = Path(scene)
     return not is_remote(scene) and (
         (path.is_dir() and path.suffix != ".zarr") or (not path.exists() and glob.has_magic(scene))

@@ -20,11 +20,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from geoprn.bucket import is_bucket
 from geoprn.cluster import connect
 from geoprn.errors import GeoprnError, InputError
 from geoprn.files import write_text
 from geoprn.job import scene_stem
-from geoprn.remote import is_remote
+from geoprn.remote import is_remote, s3_filesystem
 
 log = logging.getLogger(__name__)
 
@@ -104,7 +105,10 @@ def gather_scenes(
 
 
 def _expand(entry: str) -> list[SceneSource]:
-    """The scenes one argument names: itself, a folder's GeoTIFFs, or a glob's matches."""
+    """The scenes one argument names: itself, a folder's GeoTIFFs, or a glob's matches
+    (local, or in a bucket: ``s3://bucket/prefix/``, ``s3://bucket/*.tif``)."""
+    if entry.startswith("s3://") and (entry.endswith("/") or glob.has_magic(entry)):
+        return _bucket_scenes(entry)
     if is_remote(entry):
         return [SceneSource(entry, scene_stem(entry))]
     path = Path(entry)
@@ -119,6 +123,20 @@ def _expand(entry: str) -> list[SceneSource]:
             return [SceneSource(entry, entry, f"no file matches {entry}")]
         return [SceneSource(m, Path(m).stem) for m in matches]
     return [SceneSource(entry, path.stem)]
+
+
+def _bucket_scenes(entry: str) -> list[SceneSource]:
+    """The GeoTIFFs under an ``s3://`` prefix (``.../``) or matching an ``s3://`` glob."""
+    fs = s3_filesystem()
+    where = entry.removeprefix("s3://")
+    try:
+        keys = fs.glob(where) if glob.has_magic(entry) else fs.find(where)
+    except Exception as exc:  # noqa: BLE001 - botocore's own (endpoint, credentials...)
+        return [SceneSource(entry, entry, f"cannot list {entry}: {exc}")]
+    found = sorted(k for k in keys if k.lower().endswith(GEOTIFF_SUFFIXES))
+    if not found:
+        return [SceneSource(entry, entry, f"no GeoTIFF (.tif, .tiff) under {entry}")]
+    return [SceneSource(f"s3://{key}", scene_stem(key)) for key in found]
 
 
 def stac_scenes(path: str | Path, asset: str | None = None) -> list[SceneSource]:
@@ -209,7 +227,7 @@ def refine_batch(
 
     started = time.perf_counter()
     report = BatchReport([SceneOutcome(s.name, s.uri) for s in sources])
-    report_path = Path(outdir) / "batch.json"
+    report_path = str(outdir).rstrip("/") + "/batch.json"
     with connect(scheduler) as client:
         for source, row in zip(sources, report.scenes, strict=True):
             if source.problem is not None:
@@ -243,11 +261,18 @@ def refine_batch(
     return report
 
 
-def _save(report: BatchReport, path: Path, started: float) -> None:
-    """Write the report as it stands (atomically)."""
+def _save(report: BatchReport, path: str, started: float) -> None:
+    """Write the report as it stands (atomically; to the bucket for an ``s3://`` OUTDIR)."""
     report.seconds = round(time.perf_counter() - started, 3)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_text(path, json.dumps(asdict(report), indent=1))
+    text = json.dumps(asdict(report), indent=1)
+    if is_bucket(path):
+        try:
+            s3_filesystem().pipe_file(path.removeprefix("s3://"), text.encode())
+        except Exception as exc:  # noqa: BLE001 - the scenes' own outputs are written
+            log.warning("cannot write %s: %s", path, exc)
+        return
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    write_text(Path(path), text)
 
 
 def summary_table(report: BatchReport) -> str:

@@ -32,10 +32,11 @@ from geoprn.blocks import (
     run_blocks,
     window_cache_bytes,
 )
+from geoprn.bucket import is_bucket, refine_into_bucket
 from geoprn.cluster import connect
 from geoprn.errors import InputError, WriteError
 from geoprn.files import write_error, write_text
-from geoprn.job import RefineJob, open_inputs, run_signature
+from geoprn.job import RefineJob, open_inputs, run_signature, scene_stem
 from geoprn.quicklook import write_quicklook
 from geoprn.raster import write_mask_cog
 from geoprn.tiling import DEFAULT_BLOCK_SIZE, Block, block_grid
@@ -99,7 +100,8 @@ def refine(
 
     Args:
         scene: the GeoTIFF (any raster GDAL reads) to process.
-        outdir: output folder; see :mod:`geoprn.store` for its layout.
+        outdir: output folder (see :mod:`geoprn.store` for its layout), or an ``s3://``
+            prefix (:mod:`geoprn.bucket`).
         base: base checkpoint; the shipped default when None.
         prn: refiner checkpoint; the shipped default when None and one is shipped.
         probs: a probability raster on the scene's grid, refined instead of running ``base``.
@@ -140,6 +142,10 @@ def refine(
     Returns:
         The run record, also written to ``<stem>_run.json``.
     """
+    if is_bucket(outdir):  # the run in a working copy kept in step with the bucket
+        options = {k: v for k, v in locals().items() if k not in ("scene", "outdir", "name")}
+        name = name or scene_stem(str(scene))
+        return refine_into_bucket(refine, str(scene), str(outdir), name, **options)
     started = time.perf_counter()
     window_cache_bytes()  # a bad setting is refused before any work
     job = open_inputs(

@@ -89,14 +89,11 @@ def remote_version(path: str) -> dict[str, Any]:
         return {}
     import fsspec
 
-    options: dict[str, Any] = {}
-    if url.startswith("s3://"):
-        if _endpoint():
-            options["endpoint_url"] = _endpoint()
-        if os.environ.get("AWS_NO_SIGN_REQUEST", "").upper() in ("YES", "TRUE", "ON", "1"):
-            options["anon"] = True  # a public bucket, as GDAL reads it with this setting
     try:
-        fs, where = fsspec.core.url_to_fs(url, skip_instance_cache=True, **options)
+        if url.startswith("s3://"):
+            fs, where = s3_filesystem(), url.removeprefix("s3://")
+        else:
+            fs, where = fsspec.core.url_to_fs(url, skip_instance_cache=True)
         info = fs.info(where)
     except FileNotFoundError as exc:
         cause = exc.__cause__  # fsspec's HTTP says "not found" for a server it cannot reach
@@ -113,6 +110,20 @@ def remote_version(path: str) -> dict[str, Any]:
         modified = info.get("LastModified") or info.get("Last-Modified")
         version["scene_last_modified"] = str(modified) if modified else None
     return version
+
+
+def s3_filesystem() -> Any:
+    """An ``s3fs`` file system as the AWS environment describes it: credentials and region
+    through botocore, the endpoint of ``AWS_ENDPOINT_URL``, anonymous with
+    ``AWS_NO_SIGN_REQUEST=YES`` (a public bucket, as GDAL reads it then)."""
+    import s3fs
+
+    options: dict[str, Any] = {"skip_instance_cache": True}  # (a cached one lists stale)
+    if _endpoint():
+        options["endpoint_url"] = _endpoint()
+    if os.environ.get("AWS_NO_SIGN_REQUEST", "").upper() in ("YES", "TRUE", "ON", "1"):
+        options["anon"] = True
+    return s3fs.S3FileSystem(**options)
 
 
 def _endpoint() -> str | None:
