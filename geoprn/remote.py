@@ -29,9 +29,9 @@ REMOTE_READ_SETTINGS = {
     "GDAL_HTTP_MERGE_CONSECUTIVE_RANGES": "YES",
     "VSI_CACHE": "TRUE",
 }
-"""GDAL's settings for reading a remote scene, each kept when the user set it: a block's
-region spans whole internal tiles of a COG (blocks and windows start at multiples of 512), so
-each range GDAL fetches is read once."""
+"""GDAL's settings for reading a remote scene, each kept when the user set it. Blocks start
+at multiples of 512 px and each is read with its halo in one call, which GDAL fetches as a
+few ranges of whole internal tiles of a COG."""
 
 
 def is_remote(path: str | os.PathLike) -> bool:
