@@ -187,9 +187,11 @@ def test_stac_items_name_their_outputs(scenes, models, tmp_path):
         stac_scenes(not_stac)
 
 
-def test_a_killed_batch_resumes_every_scene(scenes, models, tmp_path):
-    """SIGKILL in the middle of the second scene, then the same command: the first scene is
-    all resumed, the second partly, and every output is what an unbroken batch writes."""
+@pytest.mark.parametrize("stop", [signal.SIGKILL, signal.SIGINT])
+def test_a_killed_batch_resumes_every_scene(stop, scenes, models, tmp_path):
+    """SIGKILL (or Ctrl-C) in the middle of the second scene, then the same command: the
+    first scene is all resumed, the second partly, and every output is what an unbroken
+    batch writes. Ctrl-C exits 130 and leaves the report saying where the batch stood."""
     listing = tmp_path / "scenes.txt"
     listing.write_text("\n".join(str(scenes[n]) for n in ("north", "south", "paris")))
     out = tmp_path / "out"
@@ -206,9 +208,13 @@ def test_a_killed_batch_resumes_every_scene(scenes, models, tmp_path):
     while not (done.is_dir() and len(os.listdir(done)) >= 2) and time.monotonic() < deadline:
         assert process.poll() is None, "the batch ended before it was killed"
         time.sleep(0.05)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
+    process.send_signal(stop)
+    process.wait(120)
     assert (out / "north_run.json").is_file() and not (out / "south_run.json").exists()
+    if stop == signal.SIGINT:
+        assert process.returncode == 130
+        stood = json.loads((out / "batch.json").read_text())["scenes"]
+        assert [r["status"] for r in stood] == ["done", "interrupted", "pending"]
 
     rerun = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     assert rerun.returncode == 0, rerun.stderr
