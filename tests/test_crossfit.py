@@ -21,8 +21,8 @@ from geoprn.errors import InputError
 from geoprn.inference import predict_array
 from geoprn.models.checkpoint import load_model
 from geoprn.train import load_config
-from tests.conftest import SHARED_DATA, crop_tiles
-from tests.test_train import SMALL, SOURCES
+from tests.conftest import SHARED_DATA, SMALL_BASE_RECIPE, crop_tiles
+from tests.test_train import SOURCES
 from tests.test_train_prn import SMALL as SMALL_PRN
 
 MASS = SHARED_DATA / "massachusetts" / "train"
@@ -36,7 +36,7 @@ def tiles(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def base_config() -> dict:
-    return {**load_config("base_unet_mnv2"), **SMALL, "epochs": 1, "steps_per_epoch": 3}
+    return {**load_config("base_unet_mnv2"), **SMALL_BASE_RECIPE, "epochs": 1, "steps_per_epoch": 3}
 
 
 @pytest.fixture(scope="module")
