@@ -189,7 +189,7 @@ def test_stac_items_name_their_outputs(scenes, models, tmp_path):
 
 @pytest.mark.parametrize("stop", [signal.SIGKILL, signal.SIGINT])
 def test_a_killed_batch_resumes_every_scene(stop, scenes, models, tmp_path):
-    """SIGKILL (or Ctrl-C) in the middle of the second scene, then the same command: the
+    """SIGKILL (or Ctrl-C) once the second scene has a block done, then the same command: the
     first scene is all resumed, the second partly, and every output is what an unbroken
     batch writes. Ctrl-C exits 130 and leaves the report saying where the batch stood."""
     listing = tmp_path / "scenes.txt"
@@ -205,7 +205,7 @@ def test_a_killed_batch_resumes_every_scene(stop, scenes, models, tmp_path):
     )
     done = out / ".south.geoprn" / "done"
     deadline = time.monotonic() + 300
-    while not (done.is_dir() and len(os.listdir(done)) >= 2) and time.monotonic() < deadline:
+    while not (done.is_dir() and os.listdir(done)) and time.monotonic() < deadline:
         assert process.poll() is None, "the batch ended before it was killed"
         time.sleep(0.05)
     process.send_signal(stop)
@@ -220,7 +220,7 @@ def test_a_killed_batch_resumes_every_scene(stop, scenes, models, tmp_path):
     assert rerun.returncode == 0, rerun.stderr
     rows = {r["scene"]: r for r in json.loads((out / "batch.json").read_text())["scenes"]}
     assert rows["north"]["resumed"] == 4 and rows["north"]["computed"] == 0
-    assert rows["south"]["resumed"] >= 2 and rows["south"]["computed"] <= 2
+    assert rows["south"]["resumed"] >= 1 and rows["south"]["computed"] <= 3
     assert rows["paris"]["computed"] == 4
 
     whole = tmp_path / "whole"

@@ -102,7 +102,8 @@ def test_split_is_seeded_disjoint_and_complete():
 
 
 def test_training_records_split_and_round_trips(run, tiles, config):
-    assert run["epochs"] == 2 and run["steps"] == 40 and len(run["history"]) == 2
+    steps = SMALL_BASE_RECIPE["steps_per_epoch"]
+    assert run["epochs"] == 2 and run["steps"] == 2 * steps and len(run["history"]) == 2
     model = load_model(run["checkpoint"], kind="base")
     meta = model.geoprn_meta
     trained_on = meta["trained_on"]
@@ -149,12 +150,13 @@ def test_loss_falls(run, tiles, config):
 def test_max_minutes_then_resume_matches_straight_run(run, tiles, config, tmp_path):
     out = tmp_path / "capped.safetensors"
     capped = train_base([tiles], config, out, val_fraction=0.25, max_minutes=0, device="cpu")
-    assert capped["stopped"] == "max_minutes" and capped["epochs"] == 1 and capped["steps"] == 20
+    steps = SMALL_BASE_RECIPE["steps_per_epoch"]
+    assert capped["stopped"] == "max_minutes" and capped["epochs"] == 1 and capped["steps"] == steps
     assert load_model(out).geoprn_meta["trained_on"]["epochs"] == 1
     with pytest.raises(OutputError, match="--resume"):
         train_base([tiles], config, out, val_fraction=0.25, device="cpu")
     resumed = train_base([tiles], config, out, val_fraction=0.25, resume=True, device="cpu")
-    assert resumed["epochs"] == 2 and resumed["steps"] == 40
+    assert resumed["epochs"] == 2 and resumed["steps"] == 2 * steps
     assert resumed["split"] == run["split"]
     assert [h["val_road_iou"] for h in resumed["history"]] == pytest.approx(
         [h["val_road_iou"] for h in run["history"]], abs=1e-4
