@@ -35,7 +35,7 @@ def _common_options(default_config: str, default_val_fraction: float) -> Callabl
             "--output",
             required=True,
             type=click.Path(dir_okay=False),
-            help="Checkpoint to write (.safetensors); <OUTPUT>.state.pt holds the resumable "
+            help="Checkpoint to write (.safetensors); <OUTPUT>.state.safetensors holds the resumable "
             "state, <OUTPUT>.log.csv one row per epoch.",
         ),
         click.option(
@@ -81,7 +81,7 @@ def _common_options(default_config: str, default_val_fraction: float) -> Callabl
         ),
         click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda[:N]."),
         click.option("--seed", default=0, show_default=True, help="Seeds split, weights, crops."),
-        click.option("--resume", is_flag=True, help="Continue from <OUTPUT>.state.pt."),
+        click.option("--resume", is_flag=True, help="Continue from <OUTPUT>.state.safetensors."),
         click.option("--overwrite", is_flag=True, help="Replace an existing OUTPUT and its state."),
         click.option("--half", is_flag=True, help="Store the final weights as float16."),
     ]

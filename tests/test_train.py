@@ -31,6 +31,7 @@ from geoprn.train import (
     state_path,
     train_base,
 )
+from geoprn.train.state import load_state
 from tests.conftest import SMALL_BASE_RECIPE, crop_tiles
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
@@ -162,8 +163,8 @@ def test_max_minutes_then_resume_matches_straight_run(run, tiles, config, tmp_pa
         [h["val_road_iou"] for h in run["history"]], abs=1e-4
     )
     # 1 epoch + resume gives the weights of 2 epochs in one go (optimizer and crops restored)
-    a = torch.load(state_path(out), weights_only=True)["model"]
-    b = torch.load(run["state"], weights_only=True)["model"]
+    a = load_state(state_path(out))["model"]
+    b = load_state(run["state"])["model"]
     assert all(torch.allclose(a[k].float(), b[k].float(), atol=1e-5) for k in a)
     with pytest.raises(CheckpointError, match="nothing to resume"):
         train_base([tiles], config, tmp_path / "none.safetensors", resume=True, device="cpu")

@@ -5,6 +5,7 @@ then altered the way a damaged copy or a hostile user would alter it."""
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
 from pathlib import Path
@@ -13,9 +14,11 @@ import pytest
 import torch
 import yaml
 from click.testing import CliRunner
+from safetensors.torch import save_file
 
 from geoprn.cli.main import cli
 from geoprn.train import state_path
+from geoprn.train.state import STATE_KEY, load_state, write_state
 from tests.conftest import SHARED_DATA, SMALL_BASE_RECIPE, crop_tiles
 
 MASS = SHARED_DATA / "massachusetts" / "train"
@@ -61,7 +64,7 @@ def test_a_state_train_wrote_resumes(trained, tmp_path):
     args, state = trained
     result = resume(args, state, tmp_path, "--epochs", "2")
     assert result.exit_code == 0, result.output
-    after = torch.load(state_path(tmp_path / "base.safetensors"), weights_only=True)
+    after = load_state(state_path(tmp_path / "base.safetensors"))
     assert after["epoch"] == 2 and after["steps"] == 2
 
 
@@ -84,12 +87,15 @@ def _write(tmp_path: Path, name: str, make) -> Path:
 @pytest.mark.parametrize(
     "kind, pattern",
     [
-        ("garbage", "not a torch zip file"),
-        ("empty", "not a torch zip file"),
-        ("bare pickle running code", "not a torch zip file"),
-        ("torch file running code", "objects other than tensors and plain data"),
-        ("truncated", "not a torch zip file"),
+        ("garbage", "not a training state geoprn wrote (not safetensors"),
+        ("empty", "not a training state geoprn wrote (not safetensors"),
+        ("bare pickle running code", "not a training state geoprn wrote (not safetensors"),
+        ("torch file running code", "not a training state geoprn wrote (not safetensors"),
+        ("truncated", "not a training state geoprn wrote (not safetensors"),
+        ("a checkpoint, not a state", "no state in its header"),
         ("a list", "holds a list, not a training state"),
+        ("a skeleton of the wrong shape", "unexpected entry 'code'"),
+        ("a tensor it does not hold", "not a training state geoprn wrote"),
     ],
 )
 def test_an_unreadable_or_hostile_state_is_one_line_and_runs_nothing(
@@ -97,24 +103,42 @@ def test_an_unreadable_or_hostile_state_is_one_line_and_runs_nothing(
 ):
     args, state = trained
     ran = tmp_path / "the pickle ran"
+
+    def header(skeleton) -> callable:
+        tensors = {"t0": torch.zeros(2)}
+        return lambda p: save_file(tensors, str(p), metadata={STATE_KEY: json.dumps(skeleton)})
+
     makers = {
         "garbage": lambda p: p.write_bytes(os.urandom(4096)),
         "empty": lambda p: p.write_bytes(b""),
         "bare pickle running code": lambda p: p.write_bytes(pickle.dumps(_Runs(ran))),
         "torch file running code": lambda p: torch.save({"model": _Runs(ran)}, p),
         "truncated": lambda p: p.write_bytes(state.read_bytes()[: state.stat().st_size // 2]),
-        "a list": lambda p: torch.save([1, 2, 3], p),
+        "a checkpoint, not a state": lambda p: save_file({"w": torch.zeros(1)}, str(p)),
+        "a list": header({"list": [1, 2, 3]}),
+        "a skeleton of the wrong shape": header({"dict": [["model", {"code": "os.system"}]]}),
+        "a tensor it does not hold": header({"dict": [["model", {"tensor": "t9"}]]}),
     }
     hostile = _write(tmp_path, "hostile.pt", makers[kind])
     assert_one_line(resume(args, hostile, tmp_path), pattern)
     assert not ran.exists()
 
 
+def test_a_state_of_an_earlier_version_is_not_read(trained, tmp_path):
+    """A ``.state.pt`` (torch pickle) left by an earlier geoprn: one line, and the way on."""
+    args, state = trained
+    out = tmp_path / "base.safetensors"
+    out.with_name(out.name + ".state.pt").write_bytes(b"old")
+    i = args.index("-o")
+    result = CliRunner().invoke(cli, [*args[: i + 1], str(out), *args[i + 2 :], "--resume"])
+    assert result.exit_code == 1 and "is not read: continue with --init" in result.output
+
+
 def _altered(state: Path, change) -> Path:
-    content = torch.load(state, weights_only=True)
+    content = load_state(state)
     change(content)
-    path = state.with_name("altered.pt")
-    torch.save(content, path)
+    path = state.with_name("altered.safetensors")
+    write_state(path, content)
     return path
 
 

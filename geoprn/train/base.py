@@ -96,7 +96,7 @@ def train_base(
         val_fraction: share of ``tiles`` held out for validation, seeded by ``seed``.
         val_tiles: explicit validation tiles; then ``tiles`` are all used for training.
         seed: seeds the split, the weight initialisation and the crops.
-        resume: continue from ``<out>.state.pt``; split, statistics and model come from it.
+        resume: continue from ``<out>.state.safetensors``; split, statistics and model come from it.
         overwrite: replace an existing checkpoint (and state) instead of refusing.
         max_minutes: wall-clock cap on this call; training stops after the epoch in progress
             once reached, or earlier if one more epoch would overshoot it. The best checkpoint

@@ -35,7 +35,7 @@ from geoprn.models.predictor import Predictor
 from geoprn.models.prn import PatchRefineNet
 from geoprn.train.memory import micro_batch_size
 from geoprn.train.recipes import MODEL_KEYS
-from geoprn.train.state import read_state, restore
+from geoprn.train.state import read_state, restore, write_state
 
 log = logging.getLogger(__name__)
 
@@ -79,9 +79,10 @@ def mixed_precision(device: torch.device):
 
 
 def state_path(out_path: str | Path) -> Path:
-    """The resumable training state kept beside a checkpoint: ``<out>.state.pt``."""
+    """The resumable training state kept beside a checkpoint: ``<out>.state.safetensors``
+    (:mod:`geoprn.train.state`)."""
     out_path = Path(out_path)
-    return out_path.with_name(out_path.name + ".state.pt")
+    return out_path.with_name(out_path.name + ".state.safetensors")
 
 
 def _describe(pairs: Sequence[TilePair]) -> str:
@@ -122,7 +123,14 @@ def open_state(
     if not out_path.name.endswith(".safetensors"):
         raise InputError(f"the output must be a .safetensors file, not {out_path}")
     if resume and not state_file.is_file():
-        raise CheckpointError(f"nothing to resume: {state_file} does not exist")
+        earlier = out_path.with_name(out_path.name + ".state.pt")
+        hint = (
+            f" ({earlier.name}, a torch pickle of geoprn 2026-12-03 and earlier, is not read: "
+            f"continue with --init {out_path})"
+            if earlier.is_file()
+            else ""
+        )
+        raise CheckpointError(f"nothing to resume: {state_file} does not exist{hint}")
     if not resume and not overwrite and (out_path.exists() or state_file.exists()):
         raise OutputError(
             f"{out_path if out_path.exists() else state_file} exists; pass --resume to continue "
@@ -357,8 +365,8 @@ def fit(
             best_epoch,
             record["lr"],
         )
-        tmp = state_file.with_name(state_file.name + ".tmp")
-        torch.save(
+        write_state(
+            state_file,
             {
                 "model": model.net.state_dict(),
                 "optimizer": optimizer.state_dict(),
@@ -375,9 +383,7 @@ def fit(
                 "config": dict(config),
                 "seconds": seconds_before + time.monotonic() - started,
             },
-            tmp,
         )
-        tmp.replace(state_file)
         write_history_csv(history, history_path(out_path))
         plot_history(history, curves_path(out_path))
         notify("epoch", {**record, "best_val_road_iou": best_iou})

@@ -1,24 +1,105 @@
-"""Reading a training state to resume from (``<out>.state.pt``, written by ``train``), and
-checking it before any of it is used, so that a damaged or hostile file is one line.
+"""The resumable training state (``<out>.state.safetensors``, written by ``train`` after each
+epoch), and reading it back checked before any of it is used, so that a damaged or hostile
+file is one line.
 
-The file is a ``torch.save`` zip archive read with torch's restricted unpickler
-(``weights_only=True``: tensors and plain containers only, never code); anything else (a bare
-pickle, the legacy format) is refused unread. What it holds is then checked field by field
-(:class:`TrainingState`), and the optimizer, scheduler and scaler states against fresh ones
-of the run (:func:`restore`), before the first training step.
+The state is a safetensors file, as the checkpoints are: its tensors (model, optimizer
+moments) by name, and everything else (epochs, history, split, the optimizer's and the
+scheduler's settings) as JSON in its header, each tensor referred to by name. Nothing geoprn
+reads is a pickle. What it holds is then checked field by field (:class:`TrainingState`), and
+the optimizer, scheduler and scaler states against fresh ones of the run (:func:`restore`),
+before the first training step.
 """
 
 from __future__ import annotations
 
+import json
 import math
-import zipfile
 from pathlib import Path
 from typing import Any
 
 import pydantic
 import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 
 from geoprn.errors import CheckpointError
+from geoprn.files import replacing
+
+STATE_KEY = "geoprn_training_state"
+"""The safetensors header entry that holds the state's JSON skeleton."""
+
+
+def _pack(value: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    """``value`` as JSON, its tensors moved to ``tensors`` (``{"tensor": name}`` in their
+    place); dicts keep their key types (``{"dict": [[key, value], ...]}``, optimizer states
+    are keyed by ints), lists and tuples are ``{"list": [...]}`` / ``{"tuple": [...]}``."""
+    if isinstance(value, torch.Tensor):
+        name = f"t{len(tensors)}"
+        tensors[name] = value.detach().cpu().contiguous()
+        return {"tensor": name}
+    if isinstance(value, dict):
+        if not all(isinstance(k, (str, int)) for k in value):
+            raise TypeError("state keys must be strings or integers")
+        return {"dict": [[k, _pack(v, tensors)] for k, v in value.items()]}
+    if isinstance(value, (list, tuple)):
+        kind = "list" if isinstance(value, list) else "tuple"
+        return {kind: [_pack(v, tensors) for v in value]}
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    raise TypeError(f"a training state cannot hold a {type(value).__name__}")
+
+
+def _unpack(node: Any, tensors: Any) -> Any:
+    """The inverse of :func:`_pack`.
+
+    Raises:
+        ValueError: a node is not one :func:`_pack` writes.
+    """
+    if node is None or isinstance(node, (bool, int, float, str)):
+        return node
+    if not (isinstance(node, dict) and len(node) == 1):
+        raise ValueError(f"unexpected {type(node).__name__} in the state")
+    ((kind, inner),) = node.items()
+    if kind == "tensor" and isinstance(inner, str):
+        return tensors.get_tensor(inner)
+    if kind == "dict" and isinstance(inner, list):
+        if not all(
+            isinstance(i, list) and len(i) == 2 and isinstance(i[0], (str, int)) for i in inner
+        ):
+            raise ValueError("a mapping of the state is malformed")
+        return {k: _unpack(v, tensors) for k, v in inner}
+    if kind in ("list", "tuple") and isinstance(inner, list):
+        items = [_unpack(v, tensors) for v in inner]
+        return items if kind == "list" else tuple(items)
+    raise ValueError(f"unexpected entry {kind!r} in the state")
+
+
+def write_state(path: Path, state: dict[str, Any]) -> None:
+    """Write a training state, whole or not at all (:func:`geoprn.files.replacing`)."""
+    tensors: dict[str, torch.Tensor] = {}
+    skeleton = json.dumps(_pack(state, tensors))
+    with replacing(path, ".tmp") as tmp:
+        save_file(tensors, str(tmp), metadata={STATE_KEY: skeleton})
+
+
+def load_state(path: Path) -> Any:
+    """What a state file holds, unchecked (see :func:`read_state`).
+
+    Raises:
+        ValueError: it is not a state file geoprn wrote, or is damaged.
+    """
+    try:
+        with safe_open(str(path), framework="pt") as tensors:
+            skeleton = (tensors.metadata() or {}).get(STATE_KEY)
+            if skeleton is None:
+                raise ValueError("not a training state geoprn wrote (no state in its header)")
+            return _unpack(json.loads(skeleton), tensors)
+    except (SafetensorError, OSError, json.JSONDecodeError, RecursionError) as exc:
+        text = str(exc).strip()
+        reason = text.splitlines()[0] if text else type(exc).__name__
+        raise ValueError(f"not a training state geoprn wrote (not safetensors: {reason})") from None
+    except KeyError as exc:
+        raise ValueError(f"damaged: it refers to a tensor {exc} it does not hold") from None
 
 
 class _Split(pydantic.BaseModel):
@@ -79,17 +160,10 @@ def read_state(path: Path, statistics: bool = False) -> dict[str, Any]:
         CheckpointError: the file is not a state ``train`` wrote, or is damaged, in one line.
     """
     head = f"cannot resume from {path}"
-    if not zipfile.is_zipfile(path):  # torch.save writes a zip archive; nothing else is read
-        raise CheckpointError(f"{head}: not a training state geoprn wrote (not a torch zip file)")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - any unreadable state is one clear error
-        if "Weights only load failed" in str(exc):
-            reason = "it holds objects other than tensors and plain data, which are not loaded"
-        else:
-            text = str(exc).strip()
-            reason = text.split(". ")[0].splitlines()[0] if text else type(exc).__name__
-        raise CheckpointError(f"{head}: damaged or not a training state ({reason})") from None
+        state = load_state(path)
+    except ValueError as exc:
+        raise CheckpointError(f"{head}: {exc}") from None
     if not isinstance(state, dict):
         raise CheckpointError(f"{head}: it holds a {type(state).__name__}, not a training state")
     try:
