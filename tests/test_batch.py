@@ -210,18 +210,18 @@ def test_a_killed_batch_resumes_every_scene(stop, scenes, models, tmp_path):
         time.sleep(0.05)
     process.send_signal(stop)
     process.wait(120)
-    assert (out / "north_run.json").is_file() and not (out / "south_run.json").exists()
-    if stop == signal.SIGINT:
-        assert process.returncode == 130
-        stood = json.loads((out / "batch.json").read_text())["scenes"]
-        assert [r["status"] for r in stood] == ["done", "interrupted", "pending"]
+    assert (out / "north_run.json").is_file() and not (out / "paris_run.json").exists()
+    if stop == signal.SIGINT:  # (the stop lands in the second scene or, on a slow machine,
+        assert process.returncode == 130  # the third: the report says which)
+        stood = [r["status"] for r in json.loads((out / "batch.json").read_text())["scenes"]]
+        assert stood in (["done", "interrupted", "pending"], ["done", "done", "interrupted"])
 
     rerun = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     assert rerun.returncode == 0, rerun.stderr
     rows = {r["scene"]: r for r in json.loads((out / "batch.json").read_text())["scenes"]}
     assert rows["north"]["resumed"] == 4 and rows["north"]["computed"] == 0
     assert rows["south"]["resumed"] >= 1 and rows["south"]["computed"] <= 3
-    assert rows["paris"]["computed"] == 4
+    assert rows["paris"]["computed"] + rows["paris"]["resumed"] == 4
 
     whole = tmp_path / "whole"
     CliRunner().invoke(
