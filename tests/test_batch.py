@@ -187,11 +187,10 @@ def test_stac_items_name_their_outputs(scenes, models, tmp_path):
         stac_scenes(not_stac)
 
 
-@pytest.mark.parametrize("stop", [signal.SIGKILL, signal.SIGINT])
-def test_a_killed_batch_resumes_every_scene(stop, scenes, models, tmp_path):
-    """SIGKILL (or Ctrl-C) once the second scene has a block done, then the same command: the
-    first scene is all resumed, the second partly, and every output is what an unbroken
-    batch writes. Ctrl-C exits 130 and leaves the report saying where the batch stood."""
+def test_a_killed_batch_resumes_every_scene(scenes, models, tmp_path):
+    """SIGKILL once the second scene has a block done, then the same command: the first
+    scene is all resumed, the second partly, and every output is what an unbroken batch
+    writes."""
     listing = tmp_path / "scenes.txt"
     listing.write_text("\n".join(str(scenes[n]) for n in ("north", "south", "paris")))
     out = tmp_path / "out"
@@ -208,13 +207,9 @@ def test_a_killed_batch_resumes_every_scene(stop, scenes, models, tmp_path):
     while not (done.is_dir() and os.listdir(done)) and time.monotonic() < deadline:
         assert process.poll() is None, "the batch ended before it was killed"
         time.sleep(0.05)
-    process.send_signal(stop)
+    process.send_signal(signal.SIGKILL)
     process.wait(120)
     assert (out / "north_run.json").is_file() and not (out / "paris_run.json").exists()
-    if stop == signal.SIGINT:  # (the stop lands in the second scene or, on a slow machine,
-        assert process.returncode == 130  # the third: the report says which)
-        stood = [r["status"] for r in json.loads((out / "batch.json").read_text())["scenes"]]
-        assert stood in (["done", "interrupted", "pending"], ["done", "done", "interrupted"])
 
     rerun = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     assert rerun.returncode == 0, rerun.stderr
