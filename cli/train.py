@@ -35,8 +35,8 @@ def _common_options(default_config: str, default_val_fraction: float) -> Callabl
             "--output",
             required=True,
             type=click.Path(dir_okay=False),
-            help="Checkpoint to write (.safetensors); <OUTPUT>.state.safetensors holds the resumable "
-            "state, <OUTPUT>.log.csv one row per epoch.",
+            help="Checkpoint to write (.safetensors); <OUTPUT>.state.safetensors holds the "
+            "resumable state, <OUTPUT>.log.csv one row per epoch.",
         ),
         click.option(
             "--config",
