@@ -104,7 +104,8 @@ def main() -> None:
             prns[f"PRN {name}"] = Predictor(net, meta).to(device).eval()
     bands = len(base.geoprn_meta["bands"])
     gflop = {"base": window_gflop(base, bands)}
-    gflop.update({name: window_gflop(prn, 1) for name, prn in prns.items()})
+    channels = {name: prn.net.in_channels for name, prn in prns.items()}  # 1 + image bands
+    gflop.update({name: window_gflop(prn, channels[name]) for name, prn in prns.items()})
     for model in (base, *prns.values()):
         if args.fold_bn:
             fold_batchnorm(model)
@@ -116,9 +117,10 @@ def main() -> None:
     x = (torch.rand(args.batch_size, bands, TILE, TILE, device=device) * 255).to(
         memory_format=memory_format
     )
-    p = torch.rand(args.batch_size, 1, TILE, TILE, device=device).to(memory_format=memory_format)
     timings = {"base": seconds_per_batch(base, x, autocast, args.repeats)}
     for name, prn in prns.items():
+        p = torch.rand(args.batch_size, channels[name], TILE, TILE, device=device)
+        p = p.to(memory_format=memory_format)
         timings[name] = seconds_per_batch(prn, p, autocast, args.repeats)
         timings[f"base + {name}"] = timings["base"] + timings[name]
         gflop[f"base + {name}"] = gflop["base"] + gflop[name]

@@ -7,7 +7,9 @@ Rows per set, all on the same places and valid pixels (white Massachusetts areas
 - the base model at 0.5, and at the one global threshold best on that set's ``val`` places;
 - base + each PRN, with its branches combined as its header says (the mean, at 0.5) and by
   the rule the authors' released code reports its figures with, global ∪ dilate(global ∩
-  local) (``--rules``);
+  local) (``--rules``); and each of those at the one threshold best on the val places held
+  out of that PRN's training (``trained_on.val_tiles``), pooled over the sets scored: a PRN
+  whose gain is only a shift of the cut-off gains no more there than the tuned base does;
 - base + BPR and base + PRN + BPR, as ``refine --refiner bpr`` / ``prn+bpr`` runs them;
 - the patch-optimal oracle (each 64 x 64 patch at its own best threshold given the truth).
 
@@ -163,25 +165,41 @@ class SetScores:
         ns = argparse.Namespace(**{**vars(args), "dataset": dataset})
         val, val_probs = labelled_probabilities(ns, ["val"])
         self.tau = max(
-            (float(t) for t in THRESHOLDS),
+            TUNED,
             key=lambda t: scores([p > t for p in val_probs], val)["road IoU"],
         )
         test, probs = labelled_probabilities(ns, [args.split])
-        self.places = len(test)
+        self.places, self.test = len(test), test
         names = [t.name for t in test]
         rows = {
             "base @ 0.5": per_place([p > 0.5 for p in probs], test),
             "base @ tuned global threshold": per_place([p > self.tau for p in probs], test),
         }
         self.bpr_seconds: list[tuple[str, float, int, float]] = []
+        self.refined: dict[str, list[np.ndarray]] = {}  # row -> test maps (thresholds later)
+        self.held_out: dict[str, np.ndarray] = {}  # row -> (thresholds, 3) counts on val
         for prn in prns:
             tag = "PRN" if len(prns) == 1 else f"PRN {Path(prn).stem}"
+            held = set((read_header(prn, "prn").get("trained_on") or {}).get("val_tiles", []))
+            kept = [i for i, t in enumerate(val) if t.name in held]
             for rule in rules:
+                ruled = with_rule(prn, rule, folder)
                 refined = refined_probabilities(
-                    probs, names, cache_path(args), with_rule(prn, rule, folder),
-                    args.batch_size, args.device, args.precision,
+                    probs, names, cache_path(args), ruled,
+                    args.batch_size, args.device, args.precision, [t.image for t in test],
                 )  # fmt: skip
-                rows[f"base + {tag} ({rule})"] = per_place([r > 0.5 for r in refined], test)
+                row = f"base + {tag} ({rule})"
+                rows[row] = per_place([r > 0.5 for r in refined], test)
+                self.refined[row] = refined
+                on_val = refined_probabilities(
+                    [val_probs[i] for i in kept], [val[i].name for i in kept], cache_path(args),
+                    ruled, args.batch_size, args.device, args.precision,
+                    [val[i].image for i in kept],
+                )  # fmt: skip
+                self.held_out[row] = np.stack([
+                    per_place([r > t for r in on_val], [val[i] for i in kept])[0].sum(0)
+                    for t in TUNED
+                ]) if kept else np.zeros((len(TUNED), 3))  # fmt: skip
         if args.bpr != "none":
             bpr, prn = (load_cached(str(Path(p).resolve()), file_sha256(p), str(args.device))
                         for p in (args.bpr, prns[0]))  # fmt: skip
@@ -200,6 +218,33 @@ class SetScores:
             [oracle(p, t, 64) for p, t in zip(probs, test, strict=True)], test
         )
         self.rows = rows
+
+    def add_tuned(self, row: str, tau: float) -> None:
+        """The row of PRN ``row`` binarised at ``tau`` instead of 0.5, before the oracle."""
+        oracle_row = self.rows.pop("patch-optimal oracle (P = 64)")
+        name = f"{row} @ {tau:.2f}, tuned on its held-out val places"
+        self.rows[name] = per_place([r > tau for r in self.refined[row]], self.test)
+        self.rows["patch-optimal oracle (P = 64)"] = oracle_row
+
+
+TUNED = [float(t) for t in THRESHOLDS]
+"""The thresholds a PRN's cut-off is tuned over, as the base model's."""
+
+
+def tune_refiners(sets: dict[str, SetScores]) -> dict[str, float]:
+    """Each PRN row's one threshold, best on the val places held out of its training (the
+    validation share ``trained_on.val_tiles`` records), pooled over every set scored; the
+    row binarised at it is added to each set. PRNs recording no held-out places get none."""
+    chosen = {}
+    for row in next(iter(sets.values())).held_out:
+        counts = sum(s.held_out[row] for s in sets.values())
+        if counts.sum() == 0:
+            continue
+        iou = counts[:, 0] / np.maximum(counts.sum(1), 1)
+        chosen[row] = TUNED[int(np.argmax(iou))]
+        for s in sets.values():
+            s.add_tuned(row, chosen[row])
+    return chosen
 
 
 def concat(sets: list[SetScores]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
@@ -274,6 +319,7 @@ def main() -> None:
         sets = {
             name: SetScores(args, name, prns, rules, Path(folder)) for name in args.sets.split(",")
         }
+        tuned = tune_refiners(sets)
     print(
         f"{args.split} places: "
         + ", ".join(f"{name} {s.places}" for name, s in sets.items())
@@ -282,6 +328,8 @@ def main() -> None:
         f"{autocast_dtype(args.device, args.precision) or 'fp32'}; "
         f"{time.perf_counter() - started:.0f} s"
     )
+    for row, tau in tuned.items():
+        print(f"{row}: threshold {tau:.2f}, best on the val places held out of its training")
     for name, s in sets.items():
         print_table(f"**{name}** ({s.places} places; tuned threshold {s.tau:.2f})", s.rows)
     if all(name in sets for name in POOLED):

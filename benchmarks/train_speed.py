@@ -72,7 +72,7 @@ def main() -> None:
         arguments = load_config(name)["arguments"]
         networks[f"PRN {name}"] = (
             lambda a=arguments: PatchRefineNet(**a),
-            1,
+            arguments.get("in_channels", 1),  # the probabilities, and image bands if any
             lambda n, x: n.logits(x),
         )
     autocast, _ = mixed_precision(device)

@@ -38,6 +38,7 @@ from geoprn.inference import (
 )
 from geoprn.models.bpr import BoundaryRefiner
 from geoprn.models.checkpoint import load_cached
+from geoprn.models.header import reads_image
 from geoprn.quicklook import sample_block, sampling_step, save_piece, shown_bands
 from geoprn.raster import (
     open_raster,
@@ -124,7 +125,7 @@ def predict_stages(
     )
     regions = stage_regions(origins, rows, cols, job.tile, len(job.stages))
     with grid.open(job.scene.path) as ds:
-        image_bands = job.bands if job.probs is None or job.bpr is not None else None
+        image_bands = job.bands if job.probs is None or job.reads_image else None
         image, valid = read_region(ds, image_bands, *regions[0])
         source = image
         if job.probs is not None:
@@ -145,6 +146,7 @@ def predict_stages(
         for (name, _), model in zip(job.stages, models, strict=True):
             if not isinstance(model, BoundaryRefiner):
                 channels = len(job.bands) if name == "base" else 1
+                channels += len(job.bands) * (name != "base" and takes_image(model))
                 shape = (batch_size, channels, job.tile, job.tile)
                 warm_up(model, shape, device, job.precision)
     shared = shared_windows(job, origins)
@@ -162,7 +164,7 @@ def predict_stages(
         ):
             (sy0, sy1), (sx0, sx1) = src_region
             inside = np.s_[sy0 - ry0 : sy1 - ry0, sx0 - rx0 : sx1 - rx0]
-            if isinstance(model, BoundaryRefiner):  # BPR sees the image beside the probabilities
+            if name != "base" and takes_image(model):  # the image beside the probabilities
                 crop = to_device(image[(slice(None), *inside)], device).float()
                 source = torch.cat([source.float(), crop])
             probs, count = predict_region(
@@ -227,6 +229,12 @@ def shared_windows(job: RefineJob, origins: tuple[np.ndarray, np.ndarray]) -> li
     probs = os.stat(job.probs) if job.probs else None  # (the scene's version is in the job)
     key = (repr(job), probs and (probs.st_size, probs.st_mtime_ns))
     return SharedWindows.chain(SHARED_WINDOWS, key, origins, spans, job.tile, len(job.stages))
+
+
+def takes_image(model: torch.nn.Module) -> bool:
+    """Whether a refiner stage reads the image beside the probabilities: BPR, or a PRN whose
+    checkpoint says so (:func:`geoprn.models.header.reads_image`)."""
+    return isinstance(model, BoundaryRefiner) or reads_image(model.geoprn_meta)
 
 
 def stage_model(refs: list[ModelRef], device: str, compiled: bool = False) -> torch.nn.Module:

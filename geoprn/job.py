@@ -20,6 +20,7 @@ from geoprn.models.checkpoint import (
     file_sha256,
     read_header,
 )
+from geoprn.models.header import reads_image
 from geoprn.raster import (
     SceneInfo,
     WorkGrid,
@@ -36,10 +37,12 @@ class ModelRef:
 
     path: str
     sha256: str
+    reads_image: bool = False
+    """A refiner that reads the image beside the probabilities."""
 
     @classmethod
-    def of(cls, path: str | Path) -> ModelRef:
-        return cls(str(Path(path).resolve()), file_sha256(path))
+    def of(cls, path: str | Path, reads_image: bool = False) -> ModelRef:
+        return cls(str(Path(path).resolve()), file_sha256(path), reads_image)
 
 
 @dataclass(frozen=True)
@@ -74,6 +77,12 @@ class RefineJob:
         refiners = [ref for ref in (self.prn, self.bpr) if ref is not None]
         named = [("base", [self.base] if self.base else []), ("refined", refiners)]
         return [(name, refs) for name, refs in named if refs]
+
+    @property
+    def reads_image(self) -> bool:
+        """Whether a refiner reads the image beside the probabilities (BPR, or a PRN that
+        does), so that the image is read even from ``--probs``."""
+        return self.bpr is not None or (self.prn is not None and self.prn.reads_image)
 
     @property
     def variables(self) -> list[str]:
@@ -148,7 +157,9 @@ def open_inputs(
         else:
             header = read_header(prn, "prn")
             tile, gsd = header["tile_size"], gsd or header.get("gsd")
-            prn_ref = ModelRef.of(prn)
+            if reads_image(header):  # the base model's bands, read once for every stage
+                bands = _model_bands(header, Path(prn), bands or None, info)
+            prn_ref = ModelRef.of(prn, reads_image(header))
             _check_pair(header, prn_ref, base_ref)
     if not 0 <= overlap < tile // 2 or overlap % 2:
         raise InputError(f"--overlap must be even and below {tile // 2}")

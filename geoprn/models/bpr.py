@@ -15,6 +15,8 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.ops import batched_nms
 
+from geoprn.models.header import reads_image
+
 BOX = 64
 """Side of a boundary box, in pixels (the paper's 64)."""
 INPUT_SIZE = 128
@@ -165,7 +167,8 @@ class BoundaryRefiner(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         probs, image = x[:, :1], x[:, 1:]
         if self.before is not None:  # the same layout as when it runs alone: the same floats
-            probs = self.before(probs.contiguous(memory_format=torch.channels_last))
+            before_input = x if reads_image(self.before.geoprn_meta) else probs
+            probs = self.before(before_input.contiguous(memory_format=torch.channels_last))
         probs = probs.float()
         mask = probs[:, 0] > 0.5
         boxes = boundary_boxes(boundary_map(mask), self.box, self.nms_iou)

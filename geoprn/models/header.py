@@ -63,8 +63,9 @@ class CheckpointHeader(BaseModel):
 
     @property
     def channels(self) -> int:
-        """Input channels of the network: the bands, and for BPR the mask beside them."""
-        return len(self.bands) + (self.kind == "bpr")
+        """Input channels of the network: the bands, and for BPR (or a PRN that reads the
+        image) the mask or probabilities beside them."""
+        return len(self.bands) + reads_image({"kind": self.kind, "arguments": self.arguments})
 
     @model_validator(mode="after")
     def _consistent(self) -> CheckpointHeader:
@@ -76,7 +77,8 @@ class CheckpointHeader(BaseModel):
                 )
         in_channels = self.arguments.get("in_channels", self.channels)
         if in_channels != self.channels:
-            mask = " and the mask" if self.kind == "bpr" else ""
+            mask = {"bpr": " and the mask", "prn": " and the probabilities"}[self.kind]
+            mask = mask if reads_image({"kind": self.kind, "arguments": self.arguments}) else ""
             raise ValueError(
                 f"arguments.in_channels is {in_channels!r}, but {self.channels} channel(s) "
                 f"are read ({len(self.bands)} band(s){mask})"
@@ -86,6 +88,14 @@ class CheckpointHeader(BaseModel):
             if missing:
                 raise ValueError(f"a bpr header needs {', '.join(missing)}")
         return self
+
+
+def reads_image(header: dict[str, Any]) -> bool:
+    """Whether a model reads the scene's image beside a probability map: BPR always, a PRN
+    whose network takes more than one channel (the probabilities, then the image ``bands``)."""
+    if header.get("kind") == "bpr":
+        return True
+    return header.get("kind") == "prn" and header.get("arguments", {}).get("in_channels", 1) > 1
 
 
 def header_problem(header: Any) -> str | None:

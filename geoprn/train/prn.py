@@ -30,6 +30,7 @@ from geoprn.models.checkpoint import (
     load_model,
     read_header,
 )
+from geoprn.models.header import reads_image
 from geoprn.models.predictor import Predictor
 from geoprn.models.prn import PatchRefineNet
 from geoprn.pseudo_labels import patch_optimal_labels
@@ -119,26 +120,33 @@ def refined_probabilities(
     batch_size: int = 8,
     device: torch.device | str = "cpu",
     precision: str = "auto",
+    images: Sequence[np.ndarray] | None = None,
 ) -> list[np.ndarray]:
-    """A PRN's probabilities on tiles, from their base probabilities, cached in the Zarr group
-    of :func:`base_probabilities` (a different PRN file gets its own entries).
+    """A PRN's probabilities on tiles, from their base probabilities (and their ``images``,
+    raw bands, for a PRN that reads the image), cached in the Zarr group of
+    :func:`base_probabilities` (a different PRN file gets its own entries).
 
     Returns:
         One (H, W) float32 array per tile.
     """
     import zarr
 
-    read_header(prn, "prn")
+    with_image = reads_image(read_header(prn, "prn"))
+    if with_image and images is None:
+        raise InputError(f"{prn} reads the image beside the probabilities: give the images")
     sha = file_sha256(prn)
     model = load_cached(str(Path(prn).resolve()), sha, str(device))
     group = zarr.open_group(str(cache), mode="a")
+    images = images if with_image else [None] * len(base_probs)
     return [
         _cached(
             group,
             f"refined_{sha[:16]}{_dtype_tag(device, precision)}/{name}",
-            lambda p=probs: predict_array(model, p[None], 512, 64, batch_size, device, precision),
+            lambda p=probs, i=image: predict_array(
+                model, prn_input(p, i, with_image), 512, 64, batch_size, device, precision
+            ),
         )
-        for probs, name in zip(base_probs, names, strict=True)
+        for probs, name, image in zip(base_probs, names, images, strict=True)
     ]
 
 
@@ -156,9 +164,17 @@ def _read_probability_raster(folder: Path, tile: LabelledTile) -> np.ndarray:
 
 
 def prn_tile(
-    tile: LabelledTile, probs: np.ndarray, patch_size: int, cache: str | Path | None = None
+    tile: LabelledTile,
+    probs: np.ndarray,
+    patch_size: int,
+    cache: str | Path | None = None,
+    normalise: tuple[Sequence[float], Sequence[float]] | None = None,
 ) -> LabelledTile:
     """A PRN training tile: the base probabilities as image, with patch-optimal pseudo-labels.
+
+    With ``normalise`` (the base model's band means and stds), the tile's image bands follow
+    the probabilities, normalised as the base model normalises them: the input of a PRN that
+    reads the image (:func:`geoprn.models.header.reads_image`).
 
     The tile is zero-padded (as nodata) to whole patches, so that crops whose origins are
     multiples of ``patch_size`` see the same patch grid the pseudo-labels were made on. With
@@ -168,6 +184,11 @@ def prn_tile(
     h, w = probs.shape
     pad = ((0, -h % patch_size), (0, -w % patch_size))
     probs, label, valid = np.pad(probs, pad), np.pad(tile.label, pad), np.pad(tile.valid, pad)
+    inputs = probs[None]
+    if normalise is not None:
+        mean, std = (np.asarray(v, np.float32)[:, None, None] for v in normalise)
+        image = (np.pad(tile.image.astype(np.float32), ((0, 0), *pad)) - mean) / std
+        inputs = np.concatenate([inputs, image])
     fingerprint = [int(label.sum()), int(valid.sum())]
     key = f"pseudo_p{patch_size}/{tile.name}"
     group = None
@@ -176,12 +197,20 @@ def prn_tile(
 
         group = zarr.open_group(str(cache), mode="a")
         if key in group and group[key].attrs.get("labels") == fingerprint:
-            return LabelledTile(tile.name, probs[None], label, valid, group[key][...])
+            return LabelledTile(tile.name, inputs, label, valid, group[key][...])
     pseudo, _ = patch_optimal_labels(probs, label, patch_size, valid)
     if group is not None:
         stored = group.create_array(key, data=pseudo.astype(np.uint8), overwrite=True)
         stored.attrs["labels"] = fingerprint
-    return LabelledTile(tile.name, probs[None], label, valid, pseudo)
+    return LabelledTile(tile.name, inputs, label, valid, pseudo)
+
+
+def prn_input(probs: np.ndarray, image: np.ndarray | None, with_image: bool) -> np.ndarray:
+    """A PRN's input in raw units: (1, H, W) probabilities, and after them the image bands
+    (C, H, W) for a PRN that reads the image."""
+    if not with_image:
+        return probs[None]
+    return np.concatenate([probs[None], image.astype(np.float32)])
 
 
 def pooled_road_iou(predictions: Sequence[np.ndarray], truths: Sequence[LabelledTile]) -> float:
@@ -250,8 +279,19 @@ def train_prn(
     patch = int(config["arguments"]["patch_size"])
     n_train = len(train_pairs)
     cache = cache_path(out_path)
+    with_image = reads_image({**config, "kind": "prn"})
+    if with_image and len(config["bands"]) != len(bands):
+        raise InputError(
+            f"the config's PRN reads {len(config['bands'])} image bands beside the "
+            f"probabilities, the base model reads {len(bands)}"
+        )
+    normalise = None
+    if with_image:
+        normalise = (base_meta.get("mean") or [0.0] * len(bands),
+                     base_meta.get("std") or [1.0] * len(bands))  # fmt: skip
     train_data = [
-        prn_tile(t, p, patch, cache) for t, p in zip(loaded[:n_train], probs, strict=False)
+        prn_tile(t, p, patch, cache, normalise)
+        for t, p in zip(loaded[:n_train], probs, strict=False)
     ]
     val_truth, val_probs = loaded[n_train:], probs[n_train:]
     if sum(int(t.valid.sum()) for t in val_truth) == 0:
@@ -263,7 +303,7 @@ def train_prn(
         "kind": "prn",
         "architecture": "PatchRefineNet",
         "arguments": net.arguments,
-        "bands": [1],
+        "bands": list(bands) if with_image else [1],
         "tile_size": int(config["tile_size"]),
         "patch_size": patch,
         "gsd": base_meta.get("gsd", config.get("gsd")),
@@ -274,6 +314,10 @@ def train_prn(
             else {"probs": str(probs_dir)}
         ),
     }
+    if with_image:  # raw bands in, normalised as the base model normalises them
+        meta["mean"], meta["std"] = [0.0, *normalise[0]], [1.0, *normalise[1]]
+        if "nodata" in base_meta:
+            meta["nodata"] = base_meta["nodata"]
     model = Predictor(net, meta)
     if init is not None:
         net.load_state_dict(load_model(init, "prn").net.state_dict())
@@ -285,7 +329,10 @@ def train_prn(
         return prn_loss(global_logits, local_logits, pseudo, label, valid)
 
     def refined_iou(model: Predictor, autocast) -> float:
-        refined = [predict_array(model, p[None], window, 64, val_batch, device_) for p in val_probs]
+        refined = [
+            predict_array(model, prn_input(p, t.image, with_image), window, 64, val_batch, device_)
+            for p, t in zip(val_probs, val_truth, strict=True)
+        ]
         return pooled_road_iou([r > 0.5 for r in refined], val_truth)
 
     base_iou = pooled_road_iou([p > 0.5 for p in val_probs], val_truth)

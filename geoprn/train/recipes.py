@@ -11,6 +11,7 @@ import yaml
 from pydantic import Field
 
 from geoprn.errors import InputError
+from geoprn.models.header import reads_image
 from geoprn.train.memory import memory_cap
 
 PositiveInt = Annotated[int, Field(gt=0)]
@@ -128,7 +129,7 @@ def load_config(name_or_path: str | Path, **overrides: Any) -> dict[str, Any]:
             raise InputError(f"{path}: a bpr recipe needs {', '.join(missing)}")
     config = recipe.model_dump(exclude={k for k in BPR_KEYS if getattr(recipe, k) is None})
     in_channels = config["arguments"].get("in_channels", 3)
-    expected = len(config["bands"]) + (config["kind"] == "bpr")  # BPR also reads the mask
+    expected = len(config["bands"]) + reads_image(config)  # and the mask or probabilities
     if in_channels != expected:
         raise InputError(f"{path}: in_channels is {in_channels}, {expected} channels are read")
     if config["micro_batch"] == "auto":
