@@ -17,7 +17,8 @@ The sets are scored alone and pooled (``massachusetts + massachusetts_crops``, t
 target). Probabilities are computed as ``refine`` computes them (overlapping 512 windows,
 blended) and cached (``--cache``). ``--record`` stores the first PRN's gain over all the test
 places scored (``geoprn info`` prints it; ``refine`` runs a refiner by default only if that
-gain's interval is above zero), and BPR's after it.
+gain's interval is above zero), at the PRN's tuned threshold, which it records too (``refine
+--threshold auto`` binarises at it); then BPR's, at 0.5.
 
     python benchmarks/prn_accuracy.py                       # shipped weights, the three sets
     python benchmarks/prn_accuracy.py --base B --prn P --bpr none --record
@@ -344,9 +345,11 @@ def main() -> None:
         base_sha = file_sha256(args.base)
         rule = read_header(prns[0], "prn")["arguments"].get("rule", "mean")
         tag = "PRN" if len(prns) == 1 else f"PRN {Path(prns[0]).stem}"
-        record_gain(prns[0], gain_record(everything, f"base + {tag} ({rule})", sets, args,
-                                         base_sha, None))  # fmt: skip
-        print(f"recorded in {prns[0]}: `geoprn info {prns[0]}`")
+        row, tau = f"base + {tag} ({rule})", tuned.get(f"base + {tag} ({rule})")
+        if tau is not None:  # refine --threshold auto binarises at it: the gain recorded
+            row = f"{row} @ {tau:.2f}, tuned on its held-out val places"
+        record_gain(prns[0], gain_record(everything, row, sets, args, base_sha, None), tau)
+        print(f"recorded in {prns[0]} ({row}): `geoprn info {prns[0]}`")
         if args.bpr != "none":
             record_gain(args.bpr, gain_record(everything, "base + BPR", sets, args, base_sha,
                                               None))  # fmt: skip

@@ -19,9 +19,15 @@ def info(checkpoint: str) -> None:
     header = dict(model.geoprn_meta)
     header["parameters"] = sum(p.numel() for p in model.net.parameters())
     click.echo(json.dumps(header, indent=2))
+    gain = None if header["kind"] == "base" else recorded_gain(header)  # a bad one: one line
+    cut = header.get("threshold")
+    click.echo(
+        f"mask cut-off (refine --threshold auto): {cut:g}, tuned on held-out val places"
+        if cut else "mask cut-off (refine --threshold auto): 0.5, none recorded",
+        err=True,
+    )  # fmt: skip
     if header["kind"] == "base":
         return
-    gain = recorded_gain(header)
     if gain is None:
         click.echo(
             "validated gain: none recorded (refine runs it only when asked by name)", err=True

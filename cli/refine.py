@@ -126,7 +126,13 @@ def _bands(ctx: click.Context, param: click.Parameter, value: str | None) -> lis
     type=click.IntRange(min=1),
     help="Blocks in flight on the local scheduler (default: 1 on the CPU, 3 on a GPU).",
 )
-@click.option("--threshold", default=0.5, show_default=True, help="Road probability cut-off.")
+@click.option(
+    "--threshold",
+    default="auto",
+    show_default=True,
+    help="Road probability cut-off: a number, or auto: the one the last model's checkpoint "
+    "records (chosen on held-out val places; geoprn info prints it), else 0.5.",
+)
 @click.option(
     "--zarr-format",
     type=click.Choice(["2", "3"]),

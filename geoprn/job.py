@@ -5,7 +5,7 @@ the same command from another (:class:`RefineJob`, small and picklable)."""
 from __future__ import annotations
 
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from urllib.parse import urlsplit
 
@@ -106,7 +106,7 @@ def open_inputs(
     overlap: int,
     resample: str,
     compile: bool = False,
-    threshold: float = 0.5,
+    threshold: float | str = "auto",
     zarr_format: int = 2,
     vectors: bool = False,
     name: str | None = None,
@@ -124,11 +124,12 @@ def open_inputs(
     if vectors and info.crs is None:
         raise InputError(f"{info.path} has no CRS; road vectors need one (drop --vectors)")
     base_ref = None
+    last: dict = {}  # the header of the model whose probabilities make the mask
     tile = 512
     gsd = None  # the ground sampling distance the models were trained at
     if probs is None:
         base = Path(base) if base is not None else DEFAULT_BASE
-        header = read_header(base, "base")
+        header = last = read_header(base, "base")
         tile, gsd = header["tile_size"], header.get("gsd")
         bands = _model_bands(header, base, bands, info)
         base_ref = ModelRef.of(base)
@@ -136,10 +137,10 @@ def open_inputs(
         _check_probabilities(Path(probs), info)
     if use_prn is None or use_bpr is None:
         use_prn, use_bpr = default_refiners(prn, bpr, base_ref)
-    bpr_ref = None
+    bpr_ref, bpr_header = None, {}
     if use_bpr:  # BPR reads the base model's bands (the image is read once)
         bpr = Path(bpr) if bpr is not None else DEFAULT_BPR
-        header = read_header(bpr, "bpr")
+        header = bpr_header = read_header(bpr, "bpr")
         bands = _model_bands(header, bpr, bands, info)
         tile, gsd = header["tile_size"], gsd or header.get("gsd")
         bpr_ref = ModelRef.of(bpr)
@@ -155,7 +156,7 @@ def open_inputs(
                 stacklevel=2,
             )
         else:
-            header = read_header(prn, "prn")
+            header = last = read_header(prn, "prn")
             tile, gsd = header["tile_size"], gsd or header.get("gsd")
             if reads_image(header):  # the base model's bands, read once for every stage
                 bands = _model_bands(header, Path(prn), bands or None, info)
@@ -165,7 +166,9 @@ def open_inputs(
         raise InputError(f"--overlap must be even and below {tile // 2}")
     if batch_size != "auto" and (not str(batch_size).isdigit() or int(batch_size) < 1):
         raise InputError(f"--batch-size must be 'auto' or at least 1, not {batch_size!r}")
-    check_threshold(threshold)
+    if bpr_ref is not None:
+        last = bpr_header
+    threshold = mask_threshold(threshold, last)
     if block_size <= 0 or block_size % store.CHUNK:
         raise InputError(f"--block-size must be a positive multiple of {store.CHUNK}")
     autocast_dtype(resolve_device(device), precision)  # fail early; workers resolve it again
@@ -188,6 +191,17 @@ def open_inputs(
         compile,
         threshold=threshold,
     )
+
+
+def mask_threshold(threshold: float | str, header: dict) -> float:
+    """The mask's road cut-off: ``threshold``, or for ``"auto"`` the one the last model's
+    checkpoint records (chosen on its held-out val places), else 0.5."""
+    if threshold == "auto":
+        return float(header.get("threshold") or 0.5)
+    try:
+        return check_threshold(float(threshold))
+    except ValueError:
+        raise InputError(f"--threshold must be 'auto' or a number, not {threshold!r}") from None
 
 
 def default_refiners(
@@ -284,9 +298,10 @@ def run_signature(job: RefineJob, zarr_format: int) -> dict:
     return {
         "scene": job.scene.path,
         **job.scene.version,
-        "base": job.base and asdict(job.base),
-        "prn": job.prn and asdict(job.prn),
-        "bpr": job.bpr and asdict(job.bpr),
+        **{
+            name: ref and {"path": ref.path, "sha256": ref.sha256}
+            for name, ref in (("base", job.base), ("prn", job.prn), ("bpr", job.bpr))
+        },
         "probs": job.probs,
         "bands": job.bands,
         "tile": job.tile,

@@ -79,7 +79,7 @@ def refine(
     compile: bool = False,
     scheduler: str | None = None,
     threads: int | None = None,
-    threshold: float = 0.5,
+    threshold: float | str = "auto",
     overwrite: bool = False,
     zarr_format: int = 2,
     resample: str = "auto",
@@ -122,7 +122,9 @@ def refine(
             about 20 s on an H100; ``benchmarks/RESULTS.md`` has the speed-up).
         scheduler: address of a ``distributed`` scheduler; the local one when None.
         threads: blocks in flight on the local scheduler (default: :func:`local_threads`).
-        threshold: probability above which a pixel is road in the mask.
+        threshold: probability above which a pixel is road in the mask; ``"auto"``: the
+            cut-off the last model's checkpoint records, else 0.5
+            (:func:`geoprn.job.mask_threshold`).
         overwrite: replace outputs of a different command instead of refusing.
         zarr_format: 2 (read by GDAL, with its CRS) or 3 (not by GDAL 3.10 or older).
         resample: ``auto`` runs the models on the scene resampled to their training GSD when

@@ -154,3 +154,39 @@ def test_refine_default_without_a_validated_refiner_writes_the_base_mask(models,
     assert plain.exit_code == 0
     assert (masks["auto"] == masks["none"]).all()
     assert (masks["prn"] != masks["none"]).any()  # the random PRN does change the mask
+
+
+def test_the_recorded_cut_off_makes_the_mask(models, shipped, tmp_path):
+    """A refiner's gain recorded at a tuned threshold records that threshold; `refine`
+    binarises at it by default (``--threshold auto``), a number overrides it, `geoprn info`
+    prints it, and a malformed one is refused in one line."""
+    import zarr
+
+    from .conftest import massachusetts_pixels
+
+    base_sha = file_sha256(models["base"])
+    record_gain(shipped["prn"], gain(base_sha), threshold=0.3)
+    assert read_header(shipped["prn"])["threshold"] == 0.3
+    scene = write_raster(tmp_path / "scene.tif", massachusetts_pixels(300, 400))
+    run = lambda *a: CliRunner().invoke(cli, [str(x) for x in a])  # noqa: E731
+    common = ["--base", models["base"], "--device", "cpu", "--block-size", 512]
+    masks = {}
+    for name, extra in (("auto", []), ("half", ["--threshold", 0.5])):
+        result = run("refine", scene, "-o", tmp_path / name, *common, *extra)
+        assert result.exit_code == 0, result.output
+        with rasterio.open(tmp_path / name / "scene_mask.tif") as src:
+            masks[name] = src.read(1)
+        record = json.loads((tmp_path / name / "scene_run.json").read_text())
+        assert record["inputs"]["threshold"] == (0.3 if name == "auto" else 0.5)
+    refined = zarr.open_array(str(tmp_path / "auto" / "scene.zarr" / "refined"), mode="r")[:]
+    assert (masks["auto"] == (refined > 0.3)).all() and (masks["half"] == (refined > 0.5)).all()
+    assert (masks["auto"] != masks["half"]).any()
+    info = run("info", shipped["prn"])
+    assert "mask cut-off (refine --threshold auto): 0.3, tuned on held-out" in info.stderr
+    record_gain(shipped["prn"], gain(base_sha))  # measured at 0.5: the cut-off goes
+    assert "threshold" not in read_header(shipped["prn"])
+    with pytest.raises(Exception, match="threshold"):
+        record_gain(shipped["prn"], gain(base_sha), threshold=1.5)
+    bad = run("refine", scene, "-o", tmp_path / "bad", *common, "--threshold", "high")
+    assert bad.exit_code != 0 and "--threshold must be 'auto' or a number" in bad.output
+    assert "Traceback" not in bad.output

@@ -196,13 +196,20 @@ def rewrite_header(path: str | Path, header: dict[str, Any], out: str | Path | N
     return out
 
 
-def record_gain(path: str | Path, gain: dict[str, Any]) -> Path:
+def record_gain(path: str | Path, gain: dict[str, Any], threshold: float | None = None) -> Path:
     """Store a refiner's validated gain (:class:`geoprn.gain.ValidatedGain`, as a dict) in
-    its header as ``validated_gain``."""
+    its header as ``validated_gain``, and the mask cut-off it was measured at as
+    ``threshold`` (None: 0.5, and any recorded cut-off is dropped)."""
     from geoprn.gain import ValidatedGain
 
     header = read_header(path)
     if header["kind"] == "base":
         raise CheckpointError(f"{path} is a base model: only refiners carry a validated gain")
     header["validated_gain"] = ValidatedGain.model_validate(gain).model_dump(mode="json")
+    header.pop("threshold", None)
+    if threshold is not None:
+        header["threshold"] = float(threshold)
+    problem = header_problem(header)
+    if problem:
+        raise CheckpointError(f"{path}: {problem}")
     return rewrite_header(path, header)

@@ -58,6 +58,10 @@ class CheckpointHeader(BaseModel):
     base: ModelFile | None = None
     prn: ModelFile | None = None
     trained_on: dict[str, Any] | None = None
+    threshold: float | None = Field(
+        default=None, gt=0, lt=1, allow_inf_nan=False,
+        description="the road cut-off chosen on held-out val places (refine --threshold auto)",
+    )  # fmt: skip
     validated_gain: dict[str, Any] | None = None
     """Checked by :func:`geoprn.gain.recorded_gain` when a refiner is chosen."""
 
