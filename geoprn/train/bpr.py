@@ -82,7 +82,8 @@ def train_bpr(
     cache, batch = cache_path(out_path), int(config["val_batch"])
     probs = base_probabilities(loaded, cache, base, batch_size=batch, device=device_)
     if prn is not None:
-        probs = refined_probabilities(probs, [t.name for t in loaded], cache, prn, batch, device_)
+        names, images = [t.name for t in loaded], [t.image for t in loaded]
+        probs = refined_probabilities(probs, names, cache, prn, batch, device_, images=images)
     n_train = len(train_pairs)
     box, input_size = int(config["box"]), int(config["input_size"])
     boxes = [
