@@ -70,6 +70,7 @@ from geoprn.models.checkpoint import (  # noqa: E402
     load_model,
     read_header,
 )
+from geoprn.models.header import reads_image  # noqa: E402
 from geoprn.pipeline import refine  # noqa: E402  (imported before timing)
 from geoprn.raster import SceneInfo, open_scene, read_region  # noqa: E402
 from geoprn.tiling import block_grid, serpentine, window_origins  # noqa: E402
@@ -94,8 +95,10 @@ def load_predict(
 
     def predict(x: torch.Tensor, to_host: bool = True) -> torch.Tensor:
         with torch.inference_mode(), fast_math(device, precision):
-            x = x.to(device, non_blocking=True).contiguous(memory_format=layout)
-            for model in models:
+            image = x = x.to(device, non_blocking=True).contiguous(memory_format=layout)
+            for i, model in enumerate(models):
+                if i and reads_image(model.geoprn_meta):  # the image beside the probabilities
+                    x = torch.cat([x.to(image.dtype), image], 1).contiguous(memory_format=layout)
                 x = model(x)
             return x[:, 0].float().cpu() if to_host else x
 
