@@ -264,6 +264,8 @@ def prn(
         **options,
     )
     say(f"base model at 0.5 on the val tiles: road IoU {summary['base_val_road_iou']:.4f}")
+    if "threshold" in summary:
+        say(f"mask cut-off {summary['threshold']:.2f}, best on the val tiles (recorded)")
 
 
 @train.command("bpr")

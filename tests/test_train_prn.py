@@ -82,6 +82,19 @@ def test_checkpoint_records_its_base_and_split(run):
     assert curves.shape == (3, 260, 840) and (curves[0] < 100).mean() > 0.005  # lines drawn
 
 
+def test_the_recorded_cut_off_is_the_best_on_the_val_tiles(run, val_crops):
+    from geoprn.train import pooled_road_iou
+
+    tiles = load_tiles(discover_pairs([val_crops]), [1, 2, 3], 255)
+    val = [t for t in tiles if t.name in run["split"]["val"]]
+    base = load_cached(str(DEFAULT_BASE.resolve()), file_sha256(DEFAULT_BASE), "cpu")
+    prn = load_model(run["checkpoint"], "prn")
+    refined = [predict_array(prn, predict_array(base, t.image)[None]) for t in val]
+    cut = load_model(run["checkpoint"]).geoprn_meta["threshold"]
+    scores = {t / 20: pooled_road_iou([r > t / 20 for r in refined], val) for t in range(1, 20)}
+    assert scores[cut] == pytest.approx(max(scores.values()), abs=1e-9)
+
+
 def test_cache_holds_what_refine_computes(run, val_crops):
     cache = zarr.open_group(run["checkpoint"] + ".cache.zarr", mode="r")
     bf16 = autocast_dtype(torch.device("cpu")) == torch.bfloat16  # the cache keys its precision

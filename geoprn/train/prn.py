@@ -29,11 +29,12 @@ from geoprn.models.checkpoint import (
     load_cached,
     load_model,
     read_header,
+    rewrite_header,
 )
 from geoprn.models.header import reads_image
 from geoprn.models.predictor import Predictor
 from geoprn.models.prn import PatchRefineNet
-from geoprn.pseudo_labels import patch_optimal_labels
+from geoprn.pseudo_labels import THRESHOLDS, patch_optimal_labels
 from geoprn.train.loop import Progress, Run, check_init, choose_split, fit, open_state, split_record
 
 log = logging.getLogger(__name__)
@@ -353,4 +354,23 @@ def train_prn(
         pretrained=init is not None,
     )
     summary = fit(run, config, out_path, state, started, max_minutes, device_, half, progress)
-    return {**summary, "base_val_road_iou": base_iou}
+    if not out_path.exists():  # no epoch finished
+        return {**summary, "base_val_road_iou": base_iou}
+    best = load_model(out_path, "prn", device=device_)
+    refined = [
+        predict_array(best, prn_input(p, t.image, with_image), window, 64, val_batch, device_)
+        for p, t in zip(val_probs, val_truth, strict=True)
+    ]
+    cut = best_threshold(refined, val_truth)
+    header = read_header(out_path, "prn")
+    header["threshold"] = cut
+    rewrite_header(out_path, header)
+    log.info("mask cut-off %.2f, best on the validation tiles (refine --threshold auto)", cut)
+    return {**summary, "base_val_road_iou": base_iou, "threshold": cut}
+
+
+def best_threshold(probs: Sequence[np.ndarray], truths: Sequence[LabelledTile]) -> float:
+    """The cut-off of :data:`geoprn.pseudo_labels.THRESHOLDS` (0.05 ... 0.95) whose masks
+    have the best pooled road IoU on the tiles (ties to the one nearest 0.5)."""
+    cuts = sorted((float(t) for t in THRESHOLDS), key=lambda t: abs(t - 0.5))
+    return round(max(cuts, key=lambda t: pooled_road_iou([p > t for p in probs], truths)), 2)
