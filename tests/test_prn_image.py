@@ -101,3 +101,13 @@ def test_the_base_models_run_matches_and_bpr_runs_after_it(
     with_bpr = zarr.open_array(str(tmp_path / "mass.zarr" / "refined"), mode="r")[:]
     assert with_bpr.shape == runs["refined"].shape and np.isfinite(with_bpr).all()
     assert not np.array_equal(with_bpr, runs["refined"])  # BPR ran after the PRN
+
+
+def test_a_header_whose_channels_do_not_match_says_what_is_read(image_prn):
+    from geoprn.models.header import header_problem
+
+    header = read_header(image_prn, "prn")
+    wrong = {**header, "arguments": {**header["arguments"], "in_channels": 5}}
+    assert "4 channel(s) are read (3 band(s) and the probabilities)" in header_problem(wrong)
+    base = {**read_header(DEFAULT_BASE, "base"), "arguments": {"in_channels": 4}}
+    assert "3 channel(s) are read (3 band(s))" in header_problem(base)

@@ -69,7 +69,12 @@ class CheckpointHeader(BaseModel):
     def channels(self) -> int:
         """Input channels of the network: the bands, and for BPR (or a PRN that reads the
         image) the mask or probabilities beside them."""
-        return len(self.bands) + reads_image({"kind": self.kind, "arguments": self.arguments})
+        return len(self.bands) + self.reads_image
+
+    @property
+    def reads_image(self) -> bool:
+        """:func:`reads_image` of this header."""
+        return reads_image({"kind": self.kind, "arguments": self.arguments})
 
     @model_validator(mode="after")
     def _consistent(self) -> CheckpointHeader:
@@ -81,8 +86,8 @@ class CheckpointHeader(BaseModel):
                 )
         in_channels = self.arguments.get("in_channels", self.channels)
         if in_channels != self.channels:
-            mask = {"bpr": " and the mask", "prn": " and the probabilities"}[self.kind]
-            mask = mask if reads_image({"kind": self.kind, "arguments": self.arguments}) else ""
+            beside = {"bpr": " and the mask", "prn": " and the probabilities"}.get(self.kind, "")
+            mask = beside if self.reads_image else ""
             raise ValueError(
                 f"arguments.in_channels is {in_channels!r}, but {self.channels} channel(s) "
                 f"are read ({len(self.bands)} band(s){mask})"

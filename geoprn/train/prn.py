@@ -329,12 +329,14 @@ def train_prn(
         global_logits, local_logits = model.net.logits(image)
         return prn_loss(global_logits, local_logits, pseudo, label, valid)
 
-    def refined_iou(model: Predictor, autocast) -> float:
-        refined = [
+    def val_maps(model: Predictor) -> list[np.ndarray]:
+        return [
             predict_array(model, prn_input(p, t.image, with_image), window, 64, val_batch, device_)
             for p, t in zip(val_probs, val_truth, strict=True)
         ]
-        return pooled_road_iou([r > 0.5 for r in refined], val_truth)
+
+    def refined_iou(model: Predictor, autocast) -> float:
+        return pooled_road_iou([r > 0.5 for r in val_maps(model)], val_truth)
 
     base_iou = pooled_road_iou([p > 0.5 for p in val_probs], val_truth)
     log.info("base model on the validation tiles: road IoU %.4f at 0.5", base_iou)
@@ -356,12 +358,7 @@ def train_prn(
     summary = fit(run, config, out_path, state, started, max_minutes, device_, half, progress)
     if not out_path.exists():  # no epoch finished
         return {**summary, "base_val_road_iou": base_iou}
-    best = load_model(out_path, "prn", device=device_)
-    refined = [
-        predict_array(best, prn_input(p, t.image, with_image), window, 64, val_batch, device_)
-        for p, t in zip(val_probs, val_truth, strict=True)
-    ]
-    cut = best_threshold(refined, val_truth)
+    cut = best_threshold(val_maps(load_model(out_path, "prn", device=device_)), val_truth)
     header = read_header(out_path, "prn")
     header["threshold"] = cut
     rewrite_header(out_path, header)
