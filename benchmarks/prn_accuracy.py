@@ -18,7 +18,9 @@ target). Probabilities are computed as ``refine`` computes them (overlapping 512
 blended) and cached (``--cache``). ``--record`` stores the first PRN's gain over all the test
 places scored (``geoprn info`` prints it; ``refine`` runs a refiner by default only if that
 gain's interval is above zero), at the PRN's tuned threshold, which it records too (``refine
---threshold auto`` binarises at it); then BPR's, at 0.5.
+--threshold auto`` binarises at it); then BPR's, at 0.5 (BPR sees the previous stage's
+probabilities recentred at its cut-off): after the PRN it was trained on, over that PRN at
+its cut-off (what runs without BPR), else right after the base model, over the base at 0.5.
 
     python benchmarks/prn_accuracy.py                       # shipped weights, the three sets
     python benchmarks/prn_accuracy.py --base B --prn P --bpr none --record
@@ -275,16 +277,23 @@ def print_table(title: str, rows: dict[str, tuple[np.ndarray, np.ndarray]]) -> N
 
 
 def gain_record(
-    rows, row: str, sets: dict[str, SetScores], args, base_sha: str, prn_sha: str | None
+    rows,
+    row: str,
+    sets: dict[str, SetScores],
+    args,
+    base_sha: str,
+    prn_sha: str | None,
+    over: str = "base @ 0.5",
 ) -> dict:
-    """The :class:`geoprn.gain.ValidatedGain` of ``row`` over all places scored."""
-    base = rows["base @ 0.5"]
+    """The :class:`geoprn.gain.ValidatedGain` of ``row`` over row ``over``, on all places."""
+    base = rows[over]
     road = bootstrap_gain(base[0], rows[row][0], "road IoU")
     mba = bootstrap_gain(base[1], rows[row][1], "mBA")
     return {
         "places": {f"{name} {args.split}": s.places for name, s in sets.items()},
         "base_sha256": base_sha,
         "prn_sha256": prn_sha,
+        "reference": "the base model at 0.5" if over == "base @ 0.5" else over,
         "base_road_iou": round(100 * pooled(*base)["road IoU"], 3),
         "refined_road_iou": round(100 * pooled(*rows[row])["road IoU"], 3),
         "road_iou_gain": round(road[0], 3),
@@ -342,7 +351,7 @@ def main() -> None:
         for name, seconds, boxes, km2 in s.bpr_seconds:
             print(f"{name}: {boxes / km2:.0f} boxes/km², {seconds / km2:.1f} s/km² at 1 m")
     if args.record and prns:
-        base_sha = file_sha256(args.base)
+        base_sha, scored_sha = file_sha256(args.base), file_sha256(prns[0])
         rule = read_header(prns[0], "prn")["arguments"].get("rule", "mean")
         tag = "PRN" if len(prns) == 1 else f"PRN {Path(prns[0]).stem}"
         row, tau = f"base + {tag} ({rule})", tuned.get(f"base + {tag} ({rule})")
@@ -350,10 +359,18 @@ def main() -> None:
             row = f"{row} @ {tau:.2f}, tuned on its held-out val places"
         record_gain(prns[0], gain_record(everything, row, sets, args, base_sha, None), tau)
         print(f"recorded in {prns[0]} ({row}): `geoprn info {prns[0]}`")
-        if args.bpr != "none":
-            record_gain(args.bpr, gain_record(everything, "base + BPR", sets, args, base_sha,
-                                              None))  # fmt: skip
-            print(f"recorded in {args.bpr} (BPR right after the base model)")
+        if args.bpr != "none":  # over what runs without it, after the chain it trained on
+            prn_sha = file_sha256(prns[0])  # recording rewrote the PRN's header: its new hash
+            after_prn = (read_header(args.bpr, "bpr").get("prn") or {}).get("sha256") in (
+                scored_sha,
+                prn_sha,
+            )
+            bpr_row, over = ("base + PRN + BPR", row) if after_prn else ("base + BPR", None)
+            record_gain(args.bpr, gain_record(
+                everything, bpr_row, sets, args, base_sha, prn_sha if after_prn else None,
+                over or "base @ 0.5",
+            ))  # fmt: skip
+            print(f"recorded in {args.bpr} ({bpr_row}, over {over or 'base @ 0.5'})")
 
 
 if __name__ == "__main__":

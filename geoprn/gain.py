@@ -24,13 +24,18 @@ DRAWS = 2000
 
 
 class ValidatedGain(BaseModel):
-    """A refiner's gain over its base model at 0.5 on held-out places (road IoU and mBA in
-    points), as :func:`geoprn.models.checkpoint.record_gain` stores it."""
+    """A refiner's gain on held-out places (road IoU and mBA in points) over its
+    ``reference``: the base model at 0.5, or for a BPR after a PRN that PRN at its cut-off
+    (what runs without BPR), as :func:`geoprn.models.checkpoint.record_gain` stores it."""
 
     places: dict[str, int] = Field(description="places scored, per data set and split")
     base_sha256: str = Field(description="the base model the gain was measured after")
     prn_sha256: str | None = Field(
         default=None, description="for BPR: the PRN it ran after (None: right after the base)"
+    )
+    reference: str = Field(
+        default="the base model at 0.5",
+        description="what the gain is over: for BPR after a PRN, that PRN at its cut-off",
     )
     base_road_iou: float
     refined_road_iou: float
@@ -55,7 +60,7 @@ class ValidatedGain(BaseModel):
         return (
             f"{self.road_iou_gain:+.2f} road IoU ({100 * self.level:.0f} % interval {lo:+.2f} to "
             f"{hi:+.2f}), {self.mba_gain:+.2f} mBA ({mlo:+.2f} to {mhi:+.2f}) over "
-            f"{places} held-out places ({self.date})"
+            f"{self.reference}, on {places} held-out places ({self.date})"
         )
 
 

@@ -20,7 +20,7 @@ from geoprn.models.checkpoint import (
     file_sha256,
     read_header,
 )
-from geoprn.models.header import reads_image
+from geoprn.models.header import reads_image, recorded_cut_off
 from geoprn.raster import (
     SceneInfo,
     WorkGrid,
@@ -197,7 +197,7 @@ def mask_threshold(threshold: float | str, header: dict) -> float:
     """The mask's road cut-off: ``threshold``, or for ``"auto"`` the one the last model's
     checkpoint records (chosen on its held-out val places), else 0.5."""
     if threshold == "auto":
-        return float(header.get("threshold") or 0.5)
+        return recorded_cut_off(header)
     try:
         return check_threshold(float(threshold))
     except ValueError:

@@ -187,6 +187,46 @@ def test_stac_items_name_their_outputs(scenes, models, tmp_path):
         stac_scenes(not_stac)
 
 
+def test_ctrl_c_stops_a_batch_in_one_line_and_the_same_command_resumes(scenes, models, tmp_path):
+    """SIGINT (Ctrl-C) once the second scene has a block done: exit 130 with one line, the
+    report says which scene was interrupted and which were not reached, and the same
+    command resumes. The child gets SIGINT's default disposition back before Python starts,
+    since one inherited as ignored (a shell's background job) would never reach it."""
+    listing = tmp_path / "scenes.txt"
+    listing.write_text("\n".join(str(scenes[n]) for n in ("north", "south", "paris")))
+    out = tmp_path / "out"
+    command = [
+        sys.executable, "-m", "geoprn", "refine", "--scenes", str(listing),
+        "-o", str(out), *_options(models), "--block-size", "512",
+    ]  # fmt: skip
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    process = subprocess.Popen(
+        command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )  # fmt: skip
+    done = out / ".south.geoprn" / "done"
+    deadline = time.monotonic() + 300
+    while not (done.is_dir() and os.listdir(done)) and time.monotonic() < deadline:
+        assert process.poll() is None, "the batch ended before it was interrupted"
+        time.sleep(0.05)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130, stderr
+    assert "interrupted; rerun the same command to resume" in stderr
+    assert "Traceback" not in stderr, stderr
+    rows = {r["scene"]: r for r in json.loads((out / "batch.json").read_text())["scenes"]}
+    statuses = {name: row["status"] for name, row in rows.items()}
+    assert statuses == {"north": "done", "south": "interrupted", "paris": "pending"}
+    assert not (out / ".south.lock").exists()  # the lock is released on the way out
+
+    rerun = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert rerun.returncode == 0, rerun.stderr
+    rows = {r["scene"]: r for r in json.loads((out / "batch.json").read_text())["scenes"]}
+    assert {row["status"] for row in rows.values()} == {"done"}
+    assert rows["north"]["resumed"] == 4 and rows["south"]["resumed"] >= 1
+    assert rows["paris"]["computed"] == 4
+
+
 def test_a_killed_batch_resumes_every_scene(scenes, models, tmp_path):
     """SIGKILL once the second scene has a block done, then the same command: the first
     scene is all resumed, the second partly, and every output is what an unbroken batch

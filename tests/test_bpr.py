@@ -27,6 +27,7 @@ from geoprn.models.bpr import (
     box_counts,
     crop_boxes,
     paste_boxes,
+    recentred,
     upsample,
 )
 from geoprn.models.checkpoint import DEFAULT_BASE, file_sha256, load_cached, load_model
@@ -124,6 +125,36 @@ def test_refiner_changes_only_pixels_in_boxes():
     covered = (box_counts(boundary_boxes(boundary_map(masks), 64, 0.55), masks.shape) > 0)[0]
     assert torch.equal(out[0, 0][~covered], probs[0, 0][~covered])
     assert not torch.equal(out[0, 0][covered], probs[0, 0][covered])
+
+
+def test_bpr_sees_the_mask_the_previous_stage_makes_at_its_cut_off():
+    """A PRN whose checkpoint records a cut-off t: BPR boxes the boundary of ``probs > t``,
+    and pixels no box covers leave it recentred (cut at 0.5 exactly where PRN's cut at t)."""
+    masks = real_masks()[:1]
+    smooth = torch.nn.functional.avg_pool2d(masks.float()[:, None], 9, 1, 4)
+    probs = (0.05 + 0.6 * smooth).clamp(0, 1)  # roads mostly between 0.3 and 0.5
+    for at in (0.3, 0.7):
+        moved = recentred(probs, at)
+        assert torch.equal(moved > 0.5, probs > at)
+        assert torch.equal(moved.flatten().argsort(stable=True),
+                           probs.flatten().argsort(stable=True))  # fmt: skip
+    assert recentred(probs, 0.5) is probs
+    before = torch.nn.Identity()
+    before.geoprn_meta = {"kind": "prn", "arguments": {"in_channels": 1}, "threshold": 0.3}
+    torch.manual_seed(0)
+    net = build_base("Unet", SMALL["arguments"]).eval()
+    refiner = BoundaryRefiner(lambda x: torch.sigmoid(net(x)), before, box=64, input_size=128)
+    image = torch.rand(1, 3, 512, 512) * 255
+    with torch.inference_mode():
+        out = refiner(torch.cat([probs, image], 1))
+    at_cut = boundary_boxes(boundary_map(probs[:, 0] > 0.3), 64, 0.55)
+    assert (
+        refiner.boxes_seen
+        == len(at_cut)
+        != len(boundary_boxes(boundary_map(probs[:, 0] > 0.5), 64, 0.55))
+    )
+    covered = (box_counts(at_cut, masks.shape) > 0)[0]
+    assert torch.equal(out[0, 0][~covered], recentred(probs, 0.3)[0, 0][~covered])
 
 
 pytestmark_data = pytest.mark.skipif(not VAL.is_dir(), reason=f"real data not found at {VAL}")

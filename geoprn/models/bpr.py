@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.ops import batched_nms
 
-from geoprn.models.header import reads_image
+from geoprn.models.header import reads_image, recorded_cut_off
 
 BOX = 64
 """Side of a boundary box, in pixels (the paper's 64)."""
@@ -121,6 +121,20 @@ def paste_boxes(probs: torch.Tensor, boxes: torch.Tensor, patches: torch.Tensor)
     return torch.where(count > 0, total / count.clamp(min=1), probs.float()).to(probs.dtype)
 
 
+def recentred(probs: torch.Tensor, at: float) -> torch.Tensor:
+    """Probabilities whose cut-off ``at`` moves to 0.5: ``sigmoid(logit(p) - logit(at))``.
+
+    BPR places its boxes on, and re-segments, the mask ``probs > 0.5``, and its own outputs
+    are cut at 0.5; a previous stage whose recorded cut-off is not 0.5 is recentred first, so
+    the mask BPR sees is the mask that stage makes, and one cut-off holds across the window.
+    The order of the probabilities is kept; ``at == 0.5`` returns ``probs`` unchanged.
+    """
+    if at == 0.5:
+        return probs
+    shift = torch.logit(torch.tensor(at, dtype=torch.float64)).item()
+    return torch.sigmoid(torch.logit(probs.float(), eps=1e-6) - shift).to(probs.dtype)
+
+
 def upsample(patches: torch.Tensor, size: int) -> torch.Tensor:
     """(K, C, s, s) patches resized to (K, C, size, size), bilinearly, as the network sees them."""
     return F.interpolate(patches.float(), size=size, mode="bilinear")
@@ -131,6 +145,8 @@ class BoundaryRefiner(nn.Module):
 
     Input: (N, 1 + C, H, W), the road probability of the previous stage in channel 0 and the
     image's C raw bands after it. With ``before`` (a PRN), channel 0 is first refined by it.
+    The previous stage's probabilities are :func:`recentred` at its cut-off (``before``'s
+    recorded threshold; ``cut_off`` without ``before``), so the output is cut at 0.5.
     """
 
     def __init__(
@@ -141,12 +157,14 @@ class BoundaryRefiner(nn.Module):
         input_size: int = INPUT_SIZE,
         nms_iou: float = NMS_IOU_INFER,
         patch_batch: int = 64,
+        cut_off: float = 0.5,
     ):
         super().__init__()
         self.patch_model = patch_model
         self.before = before
         self.box, self.input_size, self.nms_iou = box, input_size, nms_iou
         self.patch_batch = patch_batch
+        self.cut_off = cut_off if before is None else recorded_cut_off(before.geoprn_meta)
         self.boxes_seen = 0
 
     def refine_patches(self, patches: torch.Tensor, windows: torch.Tensor) -> torch.Tensor:
@@ -169,7 +187,7 @@ class BoundaryRefiner(nn.Module):
         if self.before is not None:  # the same layout as when it runs alone: the same floats
             before_input = x if reads_image(self.before.geoprn_meta) else probs
             probs = self.before(before_input.contiguous(memory_format=torch.channels_last))
-        probs = probs.float()
+        probs = recentred(probs.float(), self.cut_off)
         mask = probs[:, 0] > 0.5
         boxes = boundary_boxes(boundary_map(mask), self.box, self.nms_iou)
         self.boxes_seen += len(boxes)

@@ -27,11 +27,12 @@ REQUIRED = ("kind", "architecture", "arguments", "bands", "tile_size")
 WEIGHTS_DIR = Path(__file__).parents[1] / "weights"
 DEFAULT_BASE = WEIGHTS_DIR / "base_all_sets_3.safetensors"
 DEFAULT_PRN = WEIGHTS_DIR / "prn_rgb_all3.safetensors"
-DEFAULT_BPR = WEIGHTS_DIR / "bpr_default.safetensors"
+DEFAULT_BPR = WEIGHTS_DIR / "bpr_all3.safetensors"
 """The shipped weights used when no checkpoint is given (geoprn/weights/README.md): the base
 model trained on every labelled set and the PRN trained for it, which reads the image too;
 they replaced the Massachusetts-only ``base_default`` and ``prn_default`` on 2026-12-03
-(``benchmarks/default_pair.py``). BPR, trained for ``base_default``, runs only by name."""
+(``benchmarks/default_pair.py``). BPR, trained for that pair on 2026-12-04, runs by default
+only if its recorded gain qualifies (:func:`geoprn.gain.qualifies`)."""
 
 
 def build_network(meta: dict[str, Any]) -> torch.nn.Module:

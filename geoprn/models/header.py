@@ -107,6 +107,12 @@ def reads_image(header: dict[str, Any]) -> bool:
     return header.get("kind") == "prn" and header.get("arguments", {}).get("in_channels", 1) > 1
 
 
+def recorded_cut_off(header: dict[str, Any]) -> float:
+    """The road cut-off of a model's probabilities: the ``threshold`` its checkpoint records
+    (chosen on held-out val places), else 0.5."""
+    return float(header.get("threshold") or 0.5)
+
+
 def header_problem(header: Any) -> str | None:
     """What is wrong with ``header`` in one line (the first bad field, its value and how many
     more are bad), or None when :class:`CheckpointHeader` accepts it."""

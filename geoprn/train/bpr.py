@@ -20,11 +20,18 @@ from geoprn.data import (
 from geoprn.inference import resolve_device
 from geoprn.losses import masked_bce
 from geoprn.models.base import build_base
-from geoprn.models.bpr import BoundaryRefiner, boundary_boxes, boundary_map, upsample
+from geoprn.models.bpr import (
+    BoundaryRefiner,
+    boundary_boxes,
+    boundary_map,
+    recentred,
+    upsample,
+)
 from geoprn.models.checkpoint import (
     file_sha256,
     read_header,
 )
+from geoprn.models.header import recorded_cut_off
 from geoprn.models.predictor import Predictor
 from geoprn.train.loop import Progress, Run, choose_split, fit, open_state, split_record
 from geoprn.train.prn import base_probabilities, cache_path, pooled_road_iou, refined_probabilities
@@ -51,7 +58,8 @@ def train_bpr(
     """Train a Boundary Patch Refinement network on boxes along predicted road boundaries.
 
     The base model's (and, with ``prn``, PRN's) probabilities on the tiles are computed once
-    and cached beside the output (``<out>.cache.zarr``). Training boxes are placed along the
+    and cached beside the output (``<out>.cache.zarr``), then :func:`recentred` at the last
+    one's recorded cut-off, as ``refine`` feeds them to BPR. Training boxes are placed along the
     boundary of the predicted mask with the config's ``nms_iou_train``; each is the image and
     mask patch, upsampled to ``input_size``, with the ground truth under it (cross-entropy;
     nodata left out). Validation: road IoU of the predictions with BPR applied as ``refine``
@@ -70,8 +78,7 @@ def train_bpr(
     started = time.monotonic()
     out_path = Path(out_path)
     base_meta = read_header(base, "base")
-    if prn is not None:
-        read_header(prn, "prn")  # before any prediction is computed
+    before_meta = base_meta if prn is None else read_header(prn, "prn")  # before predicting
     state = open_state(out_path, resume, overwrite, statistics=True)
     device_ = resolve_device(device)
     train_pairs, val_pairs = choose_split(tiles, val_tiles, val_fraction, seed, config, state)
@@ -84,6 +91,8 @@ def train_bpr(
     if prn is not None:
         names, images = [t.name for t in loaded], [t.image for t in loaded]
         probs = refined_probabilities(probs, names, cache, prn, batch, device_, images=images)
+    at = recorded_cut_off(before_meta)  # BPR sees the mask the previous stage makes
+    probs = [recentred(torch.from_numpy(p), at).numpy() for p in probs]
     n_train = len(train_pairs)
     box, input_size = int(config["box"]), int(config["input_size"])
     boxes = [
