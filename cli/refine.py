@@ -201,13 +201,7 @@ def refine(
     sources = gather_scenes(scenes, scenes_file, stac, asset)
     if not sources:
         raise click.UsageError("give at least one SCENE, --scenes FILE or --stac FILE")
-    with contextlib.ExitStack() as stack:
-
-        def callbacks(source):
-            stack.close()  # the previous scene's bar
-            return stack.enter_context(_progress(source.name))
-
-        report = refine_batch(sources, outdir, callbacks=callbacks, **options)
+    report = refine_batch(sources, outdir, callbacks=lambda s: _progress(s.name), **options)
     say(summary_table(report))
     if report.failed:
         raise BatchError(

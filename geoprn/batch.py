@@ -3,22 +3,26 @@ STAC items; each scene keeps its own outputs and resume, and a scene that fails 
 and skipped while the others finish.
 
 The models load once per process (:func:`geoprn.models.checkpoint.load_cached`) and every
-scene's blocks go to the same scheduler (one ``distributed`` client for the batch). The
-report, a row per scene, is written to ``OUTDIR/batch.json`` after each scene, so a batch
-stopped at any point says where it stood; the same command resumes every scene.
+scene's blocks go to the same scheduler (one ``distributed`` client for the batch); on a
+cluster two scenes run at once, so workers stay busy across scene borders. The report, a row
+per scene, is written to ``OUTDIR/batch.json`` whenever a scene ends, so a batch stopped at
+any point says where it stood; the same command resumes every scene.
 """
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import json
 import logging
+import threading
 import time
 import traceback
 from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from geoprn.bucket import is_bucket
 from geoprn.cluster import connect
@@ -26,6 +30,9 @@ from geoprn.errors import GeoprnError, InputError
 from geoprn.files import write_text
 from geoprn.job import scene_stem
 from geoprn.remote import is_remote, s3_filesystem
+
+if TYPE_CHECKING:
+    from distributed import Client
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +60,7 @@ class SceneOutcome:
 
     scene: str
     uri: str
-    status: str = "pending"  # pending | done | failed | interrupted
+    status: str = "pending"  # pending | running | done | failed | interrupted
     reason: str | None = None
     computed: int = 0
     resumed: int = 0
@@ -61,6 +68,8 @@ class SceneOutcome:
     windows: int = 0
     area_km2: float | None = None
     seconds: float = 0.0
+    began: float | None = None
+    """When the scene started, in seconds from the batch's start."""
 
 
 @dataclass
@@ -202,62 +211,109 @@ def _check_names(sources: Iterable[SceneSource]) -> None:
         seen[source.name] = source.uri
 
 
+SceneHooks = contextlib.AbstractContextManager[dict[str, Callable]]
+"""A scene's ``refine`` callbacks, held while it runs (a progress bar, say)."""
+
+SCENES_IN_FLIGHT = 2
+"""Scenes run at once on a cluster: the next scene's blocks reach the workers while the last
+blocks and the outputs of the one before are finished, so workers do not wait at scene
+borders. On the local scheduler scenes run one after another: its threads already fill the
+machine's cores."""
+
+
 def refine_batch(
     sources: Sequence[SceneSource],
     outdir: str | Path,
     scheduler: str | None = None,
-    callbacks: Callable[[SceneSource], dict[str, Callable]] | None = None,
+    callbacks: Callable[[SceneSource], SceneHooks] | None = None,
+    in_flight: int | None = None,
     **options: Any,
 ) -> BatchReport:
-    """Run :func:`geoprn.pipeline.refine` on every scene into ``outdir``, one after another
-    on one scheduler, and report each (``outdir/batch.json``, rewritten after each scene).
+    """Run :func:`geoprn.pipeline.refine` on every scene into ``outdir`` on one scheduler, in
+    order, and report each (``outdir/batch.json``, rewritten whenever a scene ends).
 
     Args:
         sources: the scenes (:func:`gather_scenes`).
         outdir: the folder every scene's outputs go to, each under its own name.
         scheduler: a ``distributed`` scheduler's address, connected once for the batch.
-        callbacks: gives a scene's ``progress`` / ``on_windows`` callbacks of ``refine``.
+        callbacks: gives, as a context held while the scene runs, a scene's ``progress`` /
+            ``on_windows`` callbacks of ``refine``.
+        in_flight: scenes run at once (default :data:`SCENES_IN_FLIGHT` on a cluster, 1 on
+            the local scheduler); each scene's outputs are the same either way.
         options: ``refine``'s other arguments, the same for every scene.
 
     Raises:
         SchedulerError: the scheduler cannot be reached (no scene is run).
-        KeyboardInterrupt: after recording the scene that was running as interrupted.
+        KeyboardInterrupt: after recording the scenes that were running as interrupted.
     """
     from geoprn.pipeline import refine
 
     started = time.perf_counter()
     report = BatchReport([SceneOutcome(s.name, s.uri) for s in sources])
     report_path = str(outdir).rstrip("/") + "/batch.json"
-    with connect(scheduler) as client:
-        for source, row in zip(sources, report.scenes, strict=True):
-            if source.problem is not None:
-                row.status, row.reason = "failed", source.problem
-                _save(report, report_path, started)
-                continue
-            began = time.perf_counter()
-            try:
+    saving, stopping = threading.Lock(), threading.Event()
+
+    def save() -> None:
+        with saving:
+            _save(report, report_path, started)
+
+    def run(source: SceneSource, row: SceneOutcome, client: Client | None) -> None:
+        if stopping.is_set():
+            return  # not reached: stays pending
+        if source.problem is not None:
+            row.status, row.reason = "failed", source.problem
+            return save()
+        began = time.perf_counter()
+        row.status, row.began = "running", round(began - started, 3)
+        try:
+            with callbacks(source) if callbacks else contextlib.nullcontext({}) as hooks:
                 record = refine(
                     source.uri, outdir, name=source.name, scheduler=scheduler, client=client,
-                    **options, **(callbacks(source) if callbacks else {}),
+                    **options, **hooks,
                 )  # fmt: skip
-            except KeyboardInterrupt:
-                row.status, row.seconds = "interrupted", time.perf_counter() - began
-                _save(report, report_path, started)
-                raise
-            except GeoprnError as exc:
+        except KeyboardInterrupt:
+            row.status, row.seconds = "interrupted", time.perf_counter() - began
+            save()
+            raise
+        except Exception as exc:  # noqa: BLE001 - one scene's failure stays its own
+            if stopping.is_set():  # the batch's client closed under it
+                row.status = "interrupted"
+            elif isinstance(exc, GeoprnError):
                 row.status, row.reason = "failed", str(exc)
-            except Exception as exc:  # noqa: BLE001 - one scene's failure stays its own
+            else:
                 row.status, row.reason = "failed", f"{type(exc).__name__}: {exc}"
                 log.info("%s failed:\n%s", source.uri, traceback.format_exc())
-            else:
-                blocks = record.blocks
-                row.status, row.windows, row.area_km2 = "done", record.windows, record.area_km2
-                row.computed, row.resumed = blocks["computed"], blocks["resumed"]
-                row.skipped = blocks["skipped"]
-            row.seconds = round(time.perf_counter() - began, 3)
-            if row.status == "failed":
-                log.warning("%s: failed: %s", source.name, row.reason)
-            _save(report, report_path, started)
+        else:
+            blocks = record.blocks
+            row.status, row.windows, row.area_km2 = "done", record.windows, record.area_km2
+            row.computed, row.resumed = blocks["computed"], blocks["resumed"]
+            row.skipped = blocks["skipped"]
+        row.seconds = round(time.perf_counter() - began, 3)
+        if row.status == "failed":
+            log.warning("%s: failed: %s", source.name, row.reason)
+        save()
+
+    scenes = list(zip(sources, report.scenes, strict=True))
+    with connect(scheduler) as client:
+        lanes = in_flight or (SCENES_IN_FLIGHT if client is not None else 1)
+        if lanes == 1:
+            for source, row in scenes:
+                run(source, row, client)
+            return report
+        pool = ThreadPoolExecutor(lanes, thread_name_prefix="scene")
+        futures = [pool.submit(run, source, row, client) for source, row in scenes]
+        try:
+            for future in futures:
+                future.result()
+        except KeyboardInterrupt:  # only this thread hears it: the scenes stop with the client
+            stopping.set()
+            pool.shutdown(wait=False, cancel_futures=True)
+            for row in report.scenes:
+                if row.status == "running":
+                    row.status = "interrupted"
+            save()
+            raise
+        pool.shutdown()
     return report
 
 

@@ -100,6 +100,41 @@ def test_a_batch_loads_the_models_once_and_keeps_failures_local(scenes, models, 
     assert not (out / "truncated.zarr").exists() and not (out / "gray.zarr").exists()
 
 
+def test_on_a_cluster_the_next_scene_starts_before_the_last_one_ends(scenes, models, tmp_path):
+    """Two scenes in flight on a real cluster: the next scene's blocks are sent while the one
+    before finishes (its start lies inside that scene's run), a failing scene stays its own,
+    and every output is bit for bit what one scene at a time writes."""
+    from distributed import LocalCluster
+
+    from geoprn.batch import SCENES_IN_FLIGHT, gather_scenes, refine_batch
+
+    assert SCENES_IN_FLIGHT == 2
+    sources = gather_scenes([str(scenes[n]) for n in ("north", "truncated", "south", "paris")])
+    options = {"base": models["base"], "prn": models["prn"], "use_prn": True, "use_bpr": False,
+               "block_size": 512, "device": "cpu"}  # fmt: skip
+    with LocalCluster(
+        n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None
+    ) as cluster:
+        address = cluster.scheduler_address
+        both = refine_batch(sources, tmp_path / "both", scheduler=address, **options)
+        one = refine_batch(sources, tmp_path / "one", scheduler=address, in_flight=1, **options)
+    rows = {r.scene: r for r in both.scenes}
+    assert [r.status for r in both.scenes] == ["done", "failed", "done", "done"]
+    assert [r.status for r in one.scenes] == ["done", "failed", "done", "done"]
+    assert "truncated" in rows["truncated"].reason
+    north, south, paris = rows["north"], rows["south"], rows["paris"]
+    assert south.began < north.began + north.seconds  # two scenes were in flight at once
+    assert paris.began < max(north.began + north.seconds, south.began + south.seconds)
+    solo = {r.scene: r for r in one.scenes}
+    assert solo["south"].began >= solo["north"].began + solo["north"].seconds
+    for name in ("north", "south", "paris"):
+        together, alone = _arrays(tmp_path / "both", name), _arrays(tmp_path / "one", name)
+        for key in together:
+            np.testing.assert_array_equal(together[key], alone[key], err_msg=f"{name} {key}")
+    saved = json.loads((tmp_path / "both" / "batch.json").read_text())
+    assert [r["status"] for r in saved["scenes"]] == ["done", "failed", "done", "done"]
+
+
 def test_a_scene_list_and_globs(scenes, models, tmp_path):
     """``--scenes FILE`` (comments and blank lines skipped) plus a glob argument; a glob that
     matches nothing is a failed row, not a crash."""
