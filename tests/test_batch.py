@@ -222,11 +222,8 @@ def test_stac_items_name_their_outputs(scenes, models, tmp_path):
         stac_scenes(not_stac)
 
 
-def test_ctrl_c_stops_a_batch_in_one_line_and_the_same_command_resumes(scenes, models, tmp_path):
-    """SIGINT (Ctrl-C) once the second scene has a block done: exit 130 with one line, the
-    report says which scene was interrupted and which were not reached, and the same
-    command resumes. The child gets SIGINT's default disposition back before Python starts,
-    since one inherited as ignored (a shell's background job) would never reach it."""
+def _batch_process(scenes, models, tmp_path) -> tuple[Path, Path, list[str], dict]:
+    """A three-scene ``--scenes`` batch as a command line: its list, OUTDIR, argv, env."""
     listing = tmp_path / "scenes.txt"
     listing.write_text("\n".join(str(scenes[n]) for n in ("north", "south", "paris")))
     out = tmp_path / "out"
@@ -234,16 +231,28 @@ def test_ctrl_c_stops_a_batch_in_one_line_and_the_same_command_resumes(scenes, m
         sys.executable, "-m", "geoprn", "refine", "--scenes", str(listing),
         "-o", str(out), *_options(models), "--block-size", "512",
     ]  # fmt: skip
-    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    return listing, out, command, {**os.environ, "PYTHONWARNINGS": "ignore"}
+
+
+def _wait_for_a_block(done: Path, process: subprocess.Popen) -> None:
+    """Until a block of the scene whose markers go to ``done`` is finished."""
+    deadline = time.monotonic() + 300
+    while not (done.is_dir() and os.listdir(done)) and time.monotonic() < deadline:
+        assert process.poll() is None, "the batch ended before it was stopped"
+        time.sleep(0.05)
+
+
+def test_ctrl_c_stops_a_batch_in_one_line_and_the_same_command_resumes(scenes, models, tmp_path):
+    """SIGINT (Ctrl-C) once the second scene has a block done: exit 130 with one line, the
+    report says which scene was interrupted and which were not reached, and the same
+    command resumes. The child gets SIGINT's default disposition back before Python starts,
+    since one inherited as ignored (a shell's background job) would never reach it."""
+    listing, out, command, env = _batch_process(scenes, models, tmp_path)
     process = subprocess.Popen(
         command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )  # fmt: skip
-    done = out / ".south.geoprn" / "done"
-    deadline = time.monotonic() + 300
-    while not (done.is_dir() and os.listdir(done)) and time.monotonic() < deadline:
-        assert process.poll() is None, "the batch ended before it was interrupted"
-        time.sleep(0.05)
+    _wait_for_a_block(out / ".south.geoprn" / "done", process)
     process.send_signal(signal.SIGINT)
     _, stderr = process.communicate(timeout=120)
     assert process.returncode == 130, stderr
@@ -266,22 +275,11 @@ def test_a_killed_batch_resumes_every_scene(scenes, models, tmp_path):
     """SIGKILL once the second scene has a block done, then the same command: the first
     scene is all resumed, the second partly, and every output is what an unbroken batch
     writes."""
-    listing = tmp_path / "scenes.txt"
-    listing.write_text("\n".join(str(scenes[n]) for n in ("north", "south", "paris")))
-    out = tmp_path / "out"
-    command = [
-        sys.executable, "-m", "geoprn", "refine", "--scenes", str(listing),
-        "-o", str(out), *_options(models), "--block-size", "512",
-    ]  # fmt: skip
-    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    listing, out, command, env = _batch_process(scenes, models, tmp_path)
     process = subprocess.Popen(
         command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
-    done = out / ".south.geoprn" / "done"
-    deadline = time.monotonic() + 300
-    while not (done.is_dir() and os.listdir(done)) and time.monotonic() < deadline:
-        assert process.poll() is None, "the batch ended before it was killed"
-        time.sleep(0.05)
+    _wait_for_a_block(out / ".south.geoprn" / "done", process)
     process.send_signal(signal.SIGKILL)
     process.wait(120)
     assert (out / "north_run.json").is_file() and not (out / "paris_run.json").exists()
