@@ -18,6 +18,15 @@ def _path(value: str | None) -> Path | None:
     return None if value is None else Path(value)
 
 
+def _threshold(ctx: click.Context, param: click.Parameter, value: str) -> float | None:
+    if value == "auto":
+        return None
+    try:
+        return float(value)
+    except ValueError:
+        raise click.BadParameter(f"'auto' or a number, not {value!r}") from None
+
+
 @click.command()
 @click.argument("predictions", nargs=-1, required=True, type=click.Path())
 @click.option(
@@ -42,7 +51,14 @@ def _path(value: str | None) -> Path | None:
     callback=_metres,
     help="Centrelines within this distance match (completeness, correctness, quality).",
 )
-@click.option("--threshold", default=0.5, show_default=True, help="Road probability cut-off.")
+@click.option(
+    "--threshold",
+    default="auto",
+    show_default=True,
+    callback=_threshold,
+    help="Road probability cut-off; auto: the one the refine run recorded (its mask's), for "
+    "the variable its mask came from, else 0.5.",
+)
 @click.option(
     "--block-size",
     default=512,

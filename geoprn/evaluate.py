@@ -123,7 +123,14 @@ class Prediction:
     image: Path | None = None
     bands: list[int] = field(default_factory=lambda: [1, 2, 3])
     scale: float = 1.0
+    cut_offs: dict[str, float] = field(default_factory=dict)
+    """Road cut-off per variable where the prediction records one: the ``threshold`` of the
+    ``refine`` run that made the store (its mask's), for the variable the mask came from."""
     _store: Path | None = None
+
+    def cut_off(self, variable: str, given: float | None = None) -> float:
+        """The cut-off ``variable`` is scored at: ``given``, else its recorded one, else 0.5."""
+        return given if given is not None else self.cut_offs.get(variable, 0.5)
 
     def read(self, variable: str, rows: Range, cols: Range) -> np.ndarray:
         """(H, W) float32 road probabilities over a region inside the grid, NaN at nodata."""
@@ -210,6 +217,11 @@ def _open_store(path: Path) -> Prediction:
     run = path.with_name(f"{path.stem}_run.json")
     if run.is_file():
         inputs = json.loads(run.read_text()).get("inputs", {})
+        recorded = inputs.get("threshold")  # the mask's cut-off
+        if recorded is not None:
+            if not isinstance(recorded, int | float) or not 0 <= recorded < 1:
+                raise InputError(f"{run}: its threshold, {recorded!r}, is no cut-off in [0, 1)")
+            prediction.cut_offs[variables[-1]] = float(recorded)
         if inputs.get("scene") and Path(inputs["scene"]).is_file():
             prediction.image = Path(inputs["scene"])
             prediction.bands = list(inputs.get("bands") or [1, 2, 3])[:3]
@@ -302,6 +314,8 @@ class Row:
     prediction: str
     model: str
     path: str
+    threshold: float = 0.5
+    """The road cut-off the row's probabilities are scored at."""
     confusion: metrics.Confusion = field(default_factory=metrics.Confusion)
     boundary: metrics.BoundaryCounts = field(default_factory=metrics.BoundaryCounts)
     lengths: LengthCounts = field(default_factory=LengthCounts)
@@ -333,14 +347,18 @@ class Evaluation:
     rows: list[Row]
     blocks: list[Block]
     block_confusion: dict[str, list[metrics.Confusion]]
-    threshold: float
+
+    def threshold(self, variable: str) -> float:
+        """The cut-off ``variable`` was scored at."""
+        return next(row.threshold for row in self.rows if row.model == variable)
 
 
 @dataclass(frozen=True)
 class Settings:
     """What the metrics depend on."""
 
-    threshold: float = 0.5
+    threshold: float | None = None
+    """The road cut-off of every row; None: each row's recorded one (:meth:`Prediction.cut_off`)."""
     road_width: float = DEFAULT_ROAD_WIDTH
     buffer_m: float = BUFFER_M
     d: int = metrics.DEFAULT_D
@@ -348,7 +366,8 @@ class Settings:
     chip_m: float = CHIP_M
 
     def __post_init__(self) -> None:
-        check_threshold(self.threshold)
+        if self.threshold is not None:
+            check_threshold(self.threshold)
 
 
 def evaluate(
@@ -365,7 +384,10 @@ def evaluate(
         progress: called with (parts done, parts in all) as blocks and chips finish.
     """
     grid = prediction.grid
-    rows = [Row(prediction.name, v, str(prediction.path)) for v in prediction.variables]
+    rows = [
+        Row(prediction.name, v, str(prediction.path), prediction.cut_off(v, settings.threshold))
+        for v in prediction.variables
+    ]
     blocks = even_blocks(grid.height, grid.width, settings.block_size)
     py, px = grid.pixel_m
     chip_px = max(16, round(settings.chip_m / math.sqrt(py * px)))
@@ -373,7 +395,7 @@ def evaluate(
     total, done = len(blocks) + len(chips), 0
     per_block: dict[str, list[metrics.Confusion]] = {v: [] for v in prediction.variables}
     for block in blocks:
-        scores = _score_block(prediction, labels, block, settings)
+        scores = _score_block(prediction, labels, block, settings, [r.threshold for r in rows])
         for row, (conf, bnd) in zip(rows, scores, strict=True):
             row.confusion, row.boundary = row.confusion + conf, row.boundary + bnd
             per_block[row.model].append(conf)
@@ -382,19 +404,24 @@ def evaluate(
             progress(done, total)
     for chip in chips:
         for row in rows:
-            lengths, score = _score_chip(prediction, labels, chip, row.model, settings)
+            lengths, score = _score_chip(prediction, labels, chip, row, settings)
             row.lengths = row.lengths + lengths
             row.chip_apls.append(score)
         done += 1
         if progress:
             progress(done, total)
-    return Evaluation(prediction, labels, rows, blocks, per_block, settings.threshold)
+    return Evaluation(prediction, labels, rows, blocks, per_block)
 
 
 def _score_block(
-    prediction: Prediction, labels: Labels, block: Block, settings: Settings
+    prediction: Prediction,
+    labels: Labels,
+    block: Block,
+    settings: Settings,
+    thresholds: list[float],
 ) -> list[tuple[metrics.Confusion, metrics.BoundaryCounts]]:
-    """Confusion and boundary counts of each variable over one block (read with a d halo)."""
+    """Confusion and boundary counts of each variable, cut at its threshold, over one block
+    (read with a d halo)."""
     grid = prediction.grid
     rows = _grow(block.rows, settings.d + 1, grid.height)
     cols = _grow(block.cols, settings.d + 1, grid.width)
@@ -406,10 +433,10 @@ def _score_block(
     core = np.zeros(truth.shape, bool)
     core[inner] = True
     out = []
-    for variable in prediction.variables:
+    for variable, threshold in zip(prediction.variables, thresholds, strict=True):
         probs = prediction.read(variable, rows, cols)
         valid = label_valid & ~np.isnan(probs)
-        pred = np.nan_to_num(probs, nan=0.0) > settings.threshold
+        pred = np.nan_to_num(probs, nan=0.0) > threshold
         conf = metrics.confusion(pred[inner], truth[inner], valid[inner])
         out.append((conf, metrics.boundary_counts(pred, truth, valid & core, settings.d)))
     return out
@@ -468,14 +495,14 @@ def _valid_region(valid: np.ndarray, frame: Affine) -> shapely.Geometry:
 
 
 def _score_chip(
-    prediction: Prediction, labels: Labels, chip: Block, variable: str, settings: Settings
+    prediction: Prediction, labels: Labels, chip: Block, row: Row, settings: Settings
 ) -> tuple[LengthCounts, float]:
-    """Centreline lengths and APLS of one variable over one chip."""
+    """Centreline lengths and APLS of one row's variable over one chip."""
     grid = prediction.grid
     py, px = grid.pixel_m
     halo = math.ceil(settings.buffer_m / min(py, px)) + CONTEXT_PX
     rows, cols = _grow(chip.rows, halo, grid.height), _grow(chip.cols, halo, grid.width)
-    pred, pred_valid = predicted_lines(prediction, variable, rows, cols, settings.threshold)
+    pred, pred_valid = predicted_lines(prediction, row.model, rows, cols, row.threshold)
     ref, ref_valid = reference_lines(labels, rows, cols)
     frame = grid.frame(rows[0], cols[0])
     y0, x0 = chip.rows[0] - rows[0], chip.cols[0] - cols[0]
@@ -495,9 +522,15 @@ def _score_chip(
 
 
 def results_table(evaluations: Sequence[Evaluation]) -> list[dict[str, Any]]:
-    """One record per row: prediction, model, path and every metric (fractions)."""
+    """One record per row: prediction, model, path, cut-off and every metric (fractions)."""
     return [
-        {"prediction": row.prediction, "model": row.model, "path": row.path, **row.metrics()}
+        {
+            "prediction": row.prediction,
+            "model": row.model,
+            "path": row.path,
+            "threshold": row.threshold,
+            **row.metrics(),
+        }  # fmt: skip
         for ev in evaluations
         for row in ev.rows
     ]
@@ -505,8 +538,11 @@ def results_table(evaluations: Sequence[Evaluation]) -> list[dict[str, Any]]:
 
 def format_table(records: Sequence[dict[str, Any]]) -> str:
     """The metrics as an aligned plain-text table, in percent."""
-    header = ["prediction", "model", *(f"{HEADERS[m]} %" for m in METRICS)]
-    lines = [[r["prediction"], r["model"], *(percent(r[m]) for m in METRICS)] for r in records]
+    header = ["prediction", "model", "cut-off", *(f"{HEADERS[m]} %" for m in METRICS)]
+    lines = [
+        [r["prediction"], r["model"], f"{r['threshold']:.2f}", *(percent(r[m]) for m in METRICS)]
+        for r in records
+    ]
     widths = [max(len(str(x)) for x in column) for column in zip(header, *lines, strict=True)]
 
     def fmt(cells: list[str]) -> str:
@@ -541,7 +577,7 @@ def check_outputs(paths: Sequence[Path | None], overwrite: bool) -> None:
 
 def write_csv(records: Sequence[dict[str, Any]], path: Path) -> Path:
     """The records as CSV, metrics as fractions (empty when undefined)."""
-    columns = ["prediction", "model", *METRICS, "path"]
+    columns = ["prediction", "model", "threshold", *METRICS, "path"]
     with path.open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=columns)
         writer.writeheader()

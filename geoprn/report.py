@@ -259,14 +259,15 @@ def block_panels(ev: Evaluation, index: int) -> list[tuple[str, np.ndarray]]:
         alpha = np.clip(np.nan_to_num(probs, nan=0.0), 0, 1)[..., None] * 0.85
         shown = np.where(np.isnan(probs)[..., None], NODATA, rgb * (1 - alpha) + ROAD * alpha)
         panels.append((f"{row.model} probability", shown))
-        pred = np.nan_to_num(probs, nan=0.0) > ev.threshold
+        pred = np.nan_to_num(probs, nan=0.0) > row.threshold
         valid = label_valid & ~np.isnan(probs)
         errors.append(
             (f"{row.model} errors (IoU {percent(_iou(conf))} %)", _errors(rgb, pred, truth, valid))
         )
     last = ev.rows[-1].model
     reference, _ = reference_lines(ev.labels, block.rows, block.cols)
-    predicted, _ = predicted_lines(ev.prediction, last, block.rows, block.cols, ev.threshold)
+    cut = ev.threshold(last)
+    predicted, _ = predicted_lines(ev.prediction, last, block.rows, block.cols, cut)
     lines = _draw_lines(
         np.round(rgb).astype(np.uint8), reference, ev, block, step, REFERENCE_LINE, 3
     )
@@ -299,6 +300,15 @@ def _panels_section(ev: Evaluation, count: int) -> str:
     return "".join(out)
 
 
+def _cut_offs(evaluations: Sequence[Evaluation]) -> str:
+    """The cut-offs the rows were scored at, in a few words."""
+    cuts = sorted({row.threshold for ev in evaluations for row in ev.rows})
+    if len(cuts) == 1:
+        return f"Road cut-off {cuts[0]:g}"
+    each = ", ".join(f"{row.model} {row.threshold:g}" for ev in evaluations for row in ev.rows)
+    return f"Road cut-offs (as refine recorded them): {each}"
+
+
 def render(evaluations: Sequence[Evaluation], settings: Settings, panels: int = 2) -> str:
     """The report as an HTML string."""
     labels = evaluations[0].labels.path if evaluations else ""
@@ -306,7 +316,7 @@ def render(evaluations: Sequence[Evaluation], settings: Settings, panels: int = 
         "<!doctype html><html><head><meta charset='utf-8'><title>geoprn evaluate</title>"
         f"<style>{CSS}</style></head><body>",
         "<h1>geoprn evaluate</h1>",
-        f"<p class='note'>Labels: {html.escape(str(labels))}. Threshold {settings.threshold:g}; "
+        f"<p class='note'>Labels: {html.escape(str(labels))}. {_cut_offs(evaluations)}; "
         f"vector labels burnt {settings.road_width:g} m wide; nodata left out of every metric."
         "</p>",
         "<h2>Metrics</h2>",

@@ -18,7 +18,15 @@ from skimage.morphology import disk
 from geoprn import metrics
 from geoprn.cli.main import cli
 from geoprn.errors import InputError
-from geoprn.evaluate import Grid, Settings, evaluate, format_table, open_labels, open_prediction
+from geoprn.evaluate import (
+    Grid,
+    Settings,
+    evaluate,
+    format_table,
+    open_labels,
+    open_prediction,
+    results_table,
+)
 from tests.conftest import SAMPLE_SCENE, SHARED_DATA, write_raster
 from tests.test_cli import assert_one_line_error
 
@@ -97,13 +105,14 @@ def test_network_metrics_of_labels_against_themselves(real):
 
 def test_perturbed_prediction_scores_between(real):
     prediction = open_prediction(real["probs"])
-    row = evaluate(prediction, open_labels(real["labels"], prediction.grid)).rows[0]
-    scores = row.metrics()
+    scored = evaluate(prediction, open_labels(real["labels"], prediction.grid))
+    scores = scored.rows[0].metrics()
     assert 0.3 < scores["road_iou"] < 0.9
     assert 0.5 < scores["completeness"] < 1 and 0.5 < scores["correctness"] <= 1
     assert 0 < scores["apls"] < 1  # the erased road breaks routes
-    table = format_table([{"prediction": "p", "model": "m", **scores}])
+    table = format_table(results_table([scored]))
     assert f"{100 * scores['road_iou']:.2f}" in table and "APLS %" in table
+    assert " 0.50 " in table  # a plain raster records no cut-off
 
 
 def test_uint8_probabilities_are_scaled(real):
@@ -163,6 +172,32 @@ def test_evaluate_command_end_to_end(tmp_path):
     assert "data:image/png;base64," in files[2].read_text()
     assert_one_line_error(run(*args), "exists; use --overwrite")
     assert run(*args, "--overwrite").exit_code == 0
+
+
+@pytest.mark.slow
+def test_a_refine_folder_is_scored_at_the_cut_off_its_mask_was_made_with(tmp_path):
+    """`refine --threshold 0.3`, then `evaluate` of its folder: the row of the variable the
+    mask came from is cut at 0.3 by default, so its pixel metrics are those of the mask
+    GeoTIFF itself; `--threshold` overrides it; a run record whose cut-off is no number in
+    [0, 1) is one line."""
+    out = tmp_path / "out"
+    made = run("refine", SAMPLE_SCENE, "-o", out, "--no-prn", "--device", "cpu",
+               "--threshold", "0.3")  # fmt: skip
+    assert made.exit_code == 0, made.output
+    labels = open_labels(OSM, open_prediction(out).grid)
+    folder = evaluate(open_prediction(out), labels).rows
+    mask = evaluate(open_prediction(out / "paris_img1447_mask.tif"), labels).rows
+    fixed = evaluate(open_prediction(out), labels, Settings(threshold=0.5)).rows
+    assert [r.threshold for r in folder] == [0.3] and fixed[0].threshold == 0.5
+    assert folder[0].confusion == mask[0].confusion and folder[0].boundary == mask[0].boundary
+    assert fixed[0].confusion != folder[0].confusion
+    printed = run("evaluate", out, "--labels", OSM)
+    assert printed.exit_code == 0 and "cut-off" in printed.stdout and " 0.30 " in printed.stdout
+    record = out / "paris_img1447_run.json"
+    document = json.loads(record.read_text())
+    document["inputs"]["threshold"] = "high"
+    record.write_text(json.dumps(document))
+    assert_one_line_error(run("evaluate", out, "--labels", OSM), "is no cut-off in [0, 1)")
 
 
 def test_command_errors(real, tmp_path):
