@@ -7,6 +7,7 @@ from pathlib import Path
 import click
 
 from geoprn.cli.output import progress_bar, say
+from geoprn.cli.vectorize import auto_threshold
 from geoprn.labels import DEFAULT_ROAD_WIDTH, parse_metres
 
 
@@ -16,15 +17,6 @@ def _metres(ctx: click.Context, param: click.Parameter, value: str) -> float:
 
 def _path(value: str | None) -> Path | None:
     return None if value is None else Path(value)
-
-
-def _threshold(ctx: click.Context, param: click.Parameter, value: str) -> float | None:
-    if value == "auto":
-        return None
-    try:
-        return float(value)
-    except ValueError:
-        raise click.BadParameter(f"'auto' or a number, not {value!r}") from None
 
 
 @click.command()
@@ -55,7 +47,7 @@ def _threshold(ctx: click.Context, param: click.Parameter, value: str) -> float 
     "--threshold",
     default="auto",
     show_default=True,
-    callback=_threshold,
+    callback=auto_threshold,
     help="Road probability cut-off; auto: the one the refine run recorded (its mask's), for "
     "the variable its mask came from, else 0.5.",
 )

@@ -19,6 +19,16 @@ def metres(what: str, allow_zero: bool = False) -> Callable:
     return parse
 
 
+def auto_threshold(ctx: click.Context, param: click.Parameter, value: str) -> float | None:
+    """A ``--threshold`` of ``auto`` (None: the cut-off a refine run recorded) or a number."""
+    if value == "auto":
+        return None
+    try:
+        return float(value)
+    except ValueError:
+        raise click.BadParameter(f"'auto' or a number, not {value!r}") from None
+
+
 def vector_options(command: Callable) -> Callable:
     """``--simplify`` and ``--min-length``, shared by ``vectorize`` and ``refine --vectors``."""
     command = click.option(
@@ -49,9 +59,11 @@ def vector_options(command: Callable) -> Callable:
 @vector_options
 @click.option(
     "--threshold",
-    default=0.5,
+    default="auto",
     show_default=True,
-    help="Road probability cut-off, for probability rasters and Zarr stores.",
+    callback=auto_threshold,
+    help="Road probability cut-off, for probability rasters and Zarr stores; auto: for the "
+    "variable a refine store's mask came from, the cut-off its run recorded, else 0.5.",
 )
 @click.option(
     "--variable",

@@ -44,7 +44,7 @@ from numcodecs import Blosc
 from rasterio.crs import CRS
 from zarr.codecs import BloscCodec
 
-from geoprn.errors import OutputError
+from geoprn.errors import InputError, OutputError
 from geoprn.files import write_text, writing
 from geoprn.raster import SceneInfo
 from geoprn.tiling import Block
@@ -416,3 +416,25 @@ def done_result(paths: OutputPaths, block: Block) -> dict[str, Any] | None:
 def open_variable(paths: OutputPaths, name: str) -> zarr.Array:
     """One probability variable of the store, for reading."""
     return zarr.open_array(paths.zarr / name, mode="r")
+
+
+def recorded_cut_off(zarr_path: Path) -> tuple[str, float] | None:
+    """The variable a ``refine`` store's mask came from (``refined``, else ``base``) and the
+    cut-off its run recorded (``<stem>_run.json`` beside the store); None without a record.
+
+    Raises:
+        InputError: the record's cut-off is no number in [0, 1).
+    """
+    run = zarr_path.with_name(f"{zarr_path.stem}_run.json")
+    if not run.is_file():
+        return None
+    try:
+        recorded = json.loads(run.read_text()).get("inputs", {}).get("threshold")
+    except (OSError, ValueError, AttributeError):
+        return None  # not a record refine wrote: nothing recorded
+    if recorded is None:
+        return None
+    if isinstance(recorded, bool) or not isinstance(recorded, int | float) or not 0 <= recorded < 1:
+        raise InputError(f"{run}: its threshold, {recorded!r}, is no cut-off in [0, 1)")
+    variables = zarr.open_group(str(zarr_path), mode="r")
+    return ("refined" if "refined" in variables else "base"), float(recorded)

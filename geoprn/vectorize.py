@@ -123,14 +123,23 @@ class RoadSource:
     threshold: float
 
     @classmethod
-    def open(cls, path: str | Path, variable: str = "refined", threshold: float = 0.5):
-        """Open and check a source; raises InputError when it cannot be one."""
-        raster.check_threshold(threshold)
+    def open(cls, path: str | Path, variable: str = "refined", threshold: float | None = None):
+        """Open and check a source; raises InputError when it cannot be one. ``threshold``
+        None: for the variable a ``refine`` store's mask came from, the cut-off its run
+        recorded (:func:`geoprn.store.recorded_cut_off`), else 0.5."""
+        if threshold is not None:
+            raster.check_threshold(threshold)
         path = Path(path)
         if not path.exists():
             raise InputError(f"file not found: {path}")
         if path.suffix == ".zarr" or (path / ".zgroup").exists() or (path / "zarr.json").exists():
+            if threshold is None:
+                from geoprn.store import recorded_cut_off
+
+                recorded = recorded_cut_off(path)
+                threshold = recorded[1] if recorded and recorded[0] == variable else 0.5
             return cls._open_zarr(path, variable, threshold)
+        threshold = 0.5 if threshold is None else threshold
         if path.is_dir():
             raise InputError(f"{path} is a folder, not a road mask")
         try:
@@ -211,7 +220,7 @@ def _padded(array, rows: Range, cols: Range) -> np.ndarray:
 
 def extract_roads(
     source: str | Path,
-    threshold: float = 0.5,
+    threshold: float | None = None,
     variable: str = "refined",
     simplify_m: float = 1.0,
     min_length_m: float = 10.0,
@@ -223,7 +232,8 @@ def extract_roads(
 
     Args:
         source: a mask GeoTIFF, a probability raster, or a ``refine`` Zarr store.
-        threshold: road above this probability (probability sources only).
+        threshold: road above this probability (probability sources only); None: as
+            :meth:`RoadSource.open` says.
         variable: which Zarr variable to read (``refined`` or ``base``).
         simplify_m: Douglas-Peucker tolerance in metres.
         min_length_m: spurs and isolated lines shorter than this are dropped.

@@ -222,9 +222,11 @@ def test_vectorize_command_and_its_errors(mask_tif, tmp_path):
 
 @pytest.mark.slow
 def test_refine_writes_road_vectors_from_its_store(tmp_path):
+    """`refine --vectors` at a cut-off of 0.3: lines of its mask, in the scene's CRS; and
+    `vectorize` of its store finds the same lines by default (the recorded cut-off)."""
     outdir = tmp_path / "out"
     result = invoke("refine", SAMPLE_SCENE, "-o", outdir, "--no-prn", "--device", "cpu",
-                    "--vectors")  # fmt: skip
+                    "--vectors", "--threshold", "0.3")  # fmt: skip
     assert result.exit_code == 0, result.output
     path = outdir / "paris_img1447_roads.gpkg"
     assert f"roads: {path}" in result.stdout
@@ -235,6 +237,12 @@ def test_refine_writes_road_vectors_from_its_store(tmp_path):
     x0, y0, x1, y1 = info["total_bounds"]
     assert info["features"] > 0 and left <= x0 < x1 <= right and bottom <= y0 < y1 <= top
     _, _, _, (_, _, probability) = pyogrio.raw.read(path)
-    assert (probability > 0.5).all() and (probability <= 1).all()
+    assert (probability > 0.3).all() and (probability <= 1).all()
     same = extract_roads(outdir / "paris_img1447.zarr", variable="base")
     assert same.road_id == list(pyogrio.raw.read(path)[3][0])
+    again = tmp_path / "again.gpkg"
+    assert invoke("vectorize", outdir / "paris_img1447.zarr", "--variable", "base",
+                  "-o", again).exit_code == 0  # fmt: skip
+    assert list(pyogrio.raw.read(again)[3][0]) == same.road_id
+    at_half = extract_roads(outdir / "paris_img1447.zarr", variable="base", threshold=0.5)
+    assert at_half.road_id != same.road_id
