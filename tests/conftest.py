@@ -19,6 +19,8 @@ SHARED_DATA = REPO.parent / "shared" / "data"
 SAMPLE_SCENE = REPO / "data" / "sample" / "paris_img1447.tif"
 MASSACHUSETTS_TILE = SHARED_DATA / "massachusetts" / "test" / "images" / "10078735_15.png"
 IMAGERY_TILE = SHARED_DATA / "massachusetts" / "train" / "images" / "19678630_15.png"
+MASS_TRAIN = SHARED_DATA / "massachusetts" / "train"
+CIL_TRAIN = SHARED_DATA / "cil_roads" / "train"
 """A Massachusetts tile whose top-left 1024 x 1100 px hold imagery, no white nodata."""
 
 # A small, fast encoder so that tests run real forward passes in CI's two CPU cores.
@@ -81,6 +83,20 @@ def massachusetts_pixels(height: int = 1500, width: int = 1500) -> np.ndarray:
     """Top-left crop of a real Massachusetts Roads test tile, (3, H, W) uint8."""
     with rasterio.open(MASSACHUSETTS_TILE) as src:
         return src.read(window=((0, height), (0, width)))
+
+
+def read_raster(path: Path) -> np.ndarray:
+    """Every band of a raster, (C, H, W), without the warning of a file with no CRS."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", NotGeoreferencedWarning)
+        with rasterio.open(path) as src:
+            return src.read()
+
+
+NEEDS_TRAIN_DATA = pytest.mark.skipif(
+    not MASS_TRAIN.is_dir(), reason=f"real data not found at {SHARED_DATA}"
+)
+"""For a module whose tests read the shared ``train`` tiles."""
 
 
 def imagery_pixels(height: int = 1024, width: int = 1100) -> np.ndarray:

@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import shutil
-import warnings
 from pathlib import Path
 
 import numpy as np
 import pytest
 import rasterio
 import torch
-from rasterio.errors import NotGeoreferencedWarning
 
 from geoprn.data import (
     LabelledTile,
@@ -24,20 +22,13 @@ from geoprn.data import (
 )
 from geoprn.errors import InputError
 from geoprn.losses import base_loss, masked_bce, masked_soft_dice
+from tests.conftest import CIL_TRAIN, MASS_TRAIN, NEEDS_TRAIN_DATA, SHARED_DATA, read_raster
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-MASS = DATA / "massachusetts" / "train"
-CIL = DATA / "cil_roads" / "train"
+DATA, MASS, CIL = SHARED_DATA, MASS_TRAIN, CIL_TRAIN
 WHITE_TILE = "10978945_15.png"  # half of it is white (no imagery) yet its mask draws roads there
 
-pytestmark = pytest.mark.skipif(not MASS.is_dir(), reason=f"real data not found at {DATA}")
-
-
-def read(path: Path) -> np.ndarray:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", NotGeoreferencedWarning)
-        with rasterio.open(path) as src:
-            return src.read()
+pytestmark = NEEDS_TRAIN_DATA
+read = read_raster
 
 
 def write_tif(path: Path, array: np.ndarray, nodata: float | None = None) -> Path:

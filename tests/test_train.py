@@ -32,11 +32,17 @@ from geoprn.train import (
     train_base,
 )
 from geoprn.train.state import load_state
-from tests.conftest import SMALL_BASE_RECIPE, crop_tiles
+from tests.conftest import (
+    CIL_TRAIN,
+    MASS_TRAIN,
+    NEEDS_TRAIN_DATA,
+    SHARED_DATA,
+    SMALL_BASE_RECIPE,
+    crop_tiles,
+    read_raster,
+)
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-MASS = DATA / "massachusetts" / "train"
-CIL = DATA / "cil_roads" / "train"
+DATA, MASS, CIL = SHARED_DATA, MASS_TRAIN, CIL_TRAIN
 # tiles with little white nodata; a 512 x 512 window of each is used to keep the runs short
 SOURCES = {
     "19678630_15.png": (600, 500),
@@ -45,14 +51,8 @@ SOURCES = {
     "18778720_15.png": (500, 900),
 }
 
-pytestmark = pytest.mark.skipif(not MASS.is_dir(), reason=f"real data not found at {DATA}")
-
-
-def read(path: Path) -> np.ndarray:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", NotGeoreferencedWarning)
-        with rasterio.open(path) as src:
-            return src.read()
+pytestmark = NEEDS_TRAIN_DATA
+read = read_raster
 
 
 def write_png(path: Path, array: np.ndarray) -> None:
