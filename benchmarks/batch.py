@@ -16,10 +16,17 @@ local ones.
     and ``refine`` on the whole scene at that block size (base model only). Runs alternate
     local / S3 / HTTP, ``--repeats`` times; medians of tiles/s are printed.
 
-Everything runs on this machine's CPUs; about 6 minutes on 2 cores with the defaults.
+(c) ``--cluster-scenes`` real Massachusetts tiles (default 6, 1500 px at 1 m, from the
+    ``test`` and ``val`` splits) as one batch on a local two-worker ``distributed`` cluster
+    (one thread each), scenes in flight one at a time against two at once
+    (:data:`geoprn.batch.SCENES_IN_FLIGHT`), ``--block-size`` blocks, runs alternating,
+    ``--repeats`` of each (at most 3); median seconds, their ratio, identical masks checked.
+
+Everything runs on this machine's CPUs; about 12 minutes on 2 cores with the defaults.
 
     python benchmarks/batch.py
     python benchmarks/batch.py --scenes 8 --tiles 2 --repeats 3
+    python benchmarks/batch.py --skip ab          # (c) alone
 """
 
 from __future__ import annotations
@@ -65,10 +72,12 @@ print(time.perf_counter() - started)
 """
 
 
-def write_scenes(folder: Path, count: int) -> list[Path]:
-    """The first ``count`` crops of massachusetts_crops/test as GeoTIFFs, 1 m, UTM 19N."""
+def write_scenes(folder: Path, count: int, sources: list[Path] | None = None) -> list[Path]:
+    """The first ``count`` of ``sources`` (default: the crops of massachusetts_crops/test)
+    as GeoTIFFs, 1 m, UTM 19N."""
     folder.mkdir(parents=True, exist_ok=True)
-    sources = sorted((DATA / "massachusetts_crops" / "test" / "images").glob("*"))[:count]
+    found = sources or sorted((DATA / "massachusetts_crops" / "test" / "images").glob("*"))
+    sources = found[:count]
     scenes = []
     for k, source in enumerate(sources):
         with warnings.catch_warnings():
@@ -176,13 +185,56 @@ def remote_against_local(root: Path, tiles: int, repeats: int, block: int) -> No
         print(f"{name} / local: reads {read_ratio:.2f}, refine {run_ratio:.2f}")
 
 
+def scenes_in_flight(root: Path, count: int, repeats: int, block: int) -> None:
+    from distributed import LocalCluster
+
+    from geoprn.batch import SCENES_IN_FLIGHT, gather_scenes, refine_batch
+
+    folders = [DATA / "massachusetts" / split / "images" for split in ("test", "val")]
+    tiles = [tile for folder in folders for tile in sorted(folder.glob("*.png"))]
+    scenes = write_scenes(root / "tiles", count, tiles)
+    sources = gather_scenes([str(p) for p in scenes])
+    seconds: dict[int, list[float]] = {1: [], SCENES_IN_FLIGHT: []}
+    with LocalCluster(
+        n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None
+    ) as cluster:
+        for repeat in range(min(repeats, 3)):
+            for lanes in seconds:
+                out = root / f"cluster_{lanes}_{repeat}"
+                report = refine_batch(
+                    sources, out, scheduler=cluster.scheduler_address, in_flight=lanes,
+                    block_size=block, device="cpu",
+                )  # fmt: skip
+                assert not report.failed, report
+                seconds[lanes].append(report.seconds)
+    for scene in scenes:  # the same masks either way
+        with (
+            rasterio.open(root / "cluster_1_0" / f"{scene.stem}_mask.tif") as a,
+            rasterio.open(root / f"cluster_{SCENES_IN_FLIGHT}_0" / f"{scene.stem}_mask.tif") as b,
+        ):
+            assert np.array_equal(a.read(), b.read()), scene
+    one, both = (statistics.median(seconds[k]) for k in seconds)
+    print(
+        f"\n(c) {count} scenes of 1500 x 1500 px, blocks of {block} px, on a local cluster of 2 "
+        f"single-threaded workers, shipped weights; {len(seconds[1])} runs each, medians"
+    )
+    print("| scenes in flight | seconds | per scene | ratio |")
+    print("|---|---|---|---|")
+    print(f"| 1 (one after another) | {one:.1f} | {one / count:.2f} | 1.00 |")
+    print(
+        f"| {SCENES_IN_FLIGHT} (the default on a cluster) | {both:.1f} | {both / count:.2f} | "
+        f"{one / both:.2f}x faster |"
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--scenes", type=int, default=16)
     parser.add_argument("--tiles", type=int, default=2, help="mosaic side, in 1500 px tiles")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--block-size", type=int, default=1024, help="refine's, and the reads'")
-    parser.add_argument("--skip", default="", help="a and/or b")
+    parser.add_argument("--cluster-scenes", type=int, default=6)
+    parser.add_argument("--skip", default="", help="any of a, b, c")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(dir=REPO.parent) as tmp:
         root = Path(tmp)
@@ -190,6 +242,8 @@ def main() -> None:
             batch_against_processes(root, args.scenes)
         if "b" not in args.skip:
             remote_against_local(root, args.tiles, args.repeats, args.block_size)
+        if "c" not in args.skip:
+            scenes_in_flight(root, args.cluster_scenes, args.repeats, args.block_size)
 
 
 if __name__ == "__main__":
