@@ -348,7 +348,18 @@ def _after(previous: BlockResult | None, job: RefineJob, block: Block) -> BlockR
 
     A block already done returns what it recorded: when a worker dies, the scheduler
     recomputes the results it held, back along the run, and those blocks are in the store.
+    With outputs on a bucket (``job.bucket``), the task writes into this worker's own
+    working copy and uploads the block itself (:meth:`geoprn.bucket.BucketOutputs.push_block`);
+    such a block is computed again (the same bits).
     """
+    if job.bucket is not None:
+        from geoprn.bucket import BucketOutputs
+
+        outputs = BucketOutputs(job.bucket, job.paths.stem)
+        outputs.block_copy(job.variables)
+        result = process_block(replace(job, paths=outputs.paths), block)
+        outputs.push_block(block.key, drop=True)
+        return result
     recorded = store.done_result(job.paths, block)
     return BlockResult(**recorded) if recorded else process_block(job, block)
 

@@ -16,9 +16,13 @@ of one scene's objects and keeps the bucket in step with it:
 4. the mask COG, the quicklook and the road vectors are uploaded once complete, the run
    record ``<stem>_run.json`` last.
 
-Credentials and the endpoint come from the AWS environment (:mod:`geoprn.remote`). Block
-tasks write into the working copy: with ``--scheduler``, the workers must share this
-machine's file system, as for local outputs.
+On a cluster (``--scheduler``) the workers need not share this machine's disk: each block
+task writes into a working copy on its own machine, the Zarr arrays' metadata fetched from
+the bucket first, and uploads its chunks, pieces and done marker itself (marker last), then
+drops them there; this machine fetches each finished block's marker and pieces (and chunks,
+for road vectors) to assemble the mask and the quicklook, and uploads nothing the workers
+wrote. Credentials and the endpoint come from the AWS environment (:mod:`geoprn.remote`), on
+every machine.
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ from typing import Any
 
 from geoprn import store
 from geoprn.errors import OutputError, WriteError
+from geoprn.files import replacing
 from geoprn.remote import s3_filesystem
 
 LEASE_SECONDS = 600
@@ -155,10 +160,11 @@ class BucketOutputs:
 
     # -- working copy -> bucket ------------------------------------------------------------
 
-    def sync(self, last: Path | None = None) -> None:
+    def sync(self, last: Path | None = None, delete: bool = True) -> None:
         """Make the bucket's objects of this scene the working copy's: upload what it lacks
         or what differs in size (and every small metadata file), delete what the copy no
-        longer holds; ``last`` is uploaded after everything else."""
+        longer holds (unless not ``delete``: workers wrote what the copy lacks); ``last`` is
+        uploaded after everything else."""
         local = {
             p.relative_to(self.paths.outdir).as_posix(): p
             for name in self.names
@@ -166,7 +172,7 @@ class BucketOutputs:
             if not p.name.endswith((".tmp", ".part"))
         }
         remote = self._objects()
-        for name in sorted(set(remote) - set(local)):
+        for name in sorted(set(remote) - set(local) if delete else ()):
             with _bucket_errors(self.url):
                 self.fs.rm_file(f"{self.root}/{name}")
         ordered = sorted(local.items(), key=lambda item: item[1] == last)
@@ -175,20 +181,49 @@ class BucketOutputs:
             if remote.get(name) != size or size < 4096 or path == last:
                 self._put(path)
 
-    def push_block(self, key: str) -> None:
-        """Upload a finished block: its chunks and pieces, then its done marker."""
+    def _block_files(self, key: str, recorded: dict[str, Any]) -> tuple[list[Path], list[Path]]:
+        """A finished block's chunk files (those it wrote) and its two pieces."""
+        chunks = [self.paths.zarr / c for c, d in (recorded.get("chunks") or {}).items() if d]
+        pieces = [self.paths.state / "mask" / f"{key}.tif"]
+        return chunks, [*pieces, self.paths.quicklook_pieces / f"{key}.npz"]
+
+    def push_block(self, key: str, drop: bool = False) -> None:
+        """Upload a finished block: its chunks and pieces, then its done marker; with
+        ``drop``, remove them from the working copy once uploaded (a worker's)."""
         marker = self.paths.done / key
-        recorded = json.loads(marker.read_text())
-        for chunk, digest in (recorded.get("chunks") or {}).items():
-            if digest is not None:
-                self._put(self.paths.zarr / chunk)
-        for piece in (
-            self.paths.state / "mask" / f"{key}.tif",
-            self.paths.quicklook_pieces / f"{key}.npz",
-        ):
-            if piece.is_file():
-                self._put(piece)
-        self._put(marker)
+        chunks, pieces = self._block_files(key, json.loads(marker.read_text()))
+        uploaded = [*chunks, *(p for p in pieces if p.is_file()), marker]
+        for path in uploaded:
+            self._put(path)
+        for path in uploaded if drop else ():
+            path.unlink(missing_ok=True)
+
+    def pull_block(self, key: str, chunks: bool = False) -> None:
+        """Fetch a block a worker uploaded: its done marker and pieces (and its ``chunks``)."""
+        marker = self.paths.done / key
+        self._get(marker)
+        written, pieces = self._block_files(key, json.loads(marker.read_text()))
+        for path in [*pieces, *(written if chunks else ())]:
+            with contextlib.suppress(FileNotFoundError):  # no piece: a skipped block's
+                self._get(path)
+
+    def block_copy(self, variables: list[str]) -> None:
+        """Ready this machine's working copy for block tasks (a worker's): the Zarr arrays'
+        metadata fetched from the bucket, each file written whole (other tasks read it at
+        once), and the folders the pieces and markers go to."""
+        for variable in variables:
+            for meta in (".zarray", ".zattrs", "zarr.json"):  # Zarr format 2, or 3
+                with contextlib.suppress(FileNotFoundError):
+                    self._get(self.paths.zarr / variable / meta)
+        for folder in (self.paths.done, self.paths.state / "mask", self.paths.quicklook_pieces):
+            folder.mkdir(parents=True, exist_ok=True)
+
+    def _get(self, path: Path) -> None:
+        """Fetch the object of a working-copy path, written whole (FileNotFoundError: none)."""
+        with _bucket_errors(self.url, missing_ok=True):
+            data = self.fs.cat_file(self.remote(path))
+        with replacing(path, f".{uuid.uuid4().hex[:8]}.part") as tmp:
+            tmp.write_bytes(data)
 
     def on_block(self, result: Any) -> None:
         """``refine``'s progress hook: the first sync once the blocks are planned (called
@@ -210,8 +245,9 @@ def _files(path: Path) -> list[Path]:
 
 
 @contextlib.contextmanager
-def _bucket_errors(url: str) -> Iterator[None]:
-    """A bucket that cannot be reached, read or written: one line."""
+def _bucket_errors(url: str, missing_ok: bool = False) -> Iterator[None]:
+    """A bucket that cannot be reached, read or written: one line (``missing_ok``: an object
+    that is not there stays FileNotFoundError)."""
     try:
         yield
     except (FileExistsError, OutputError):
@@ -219,6 +255,8 @@ def _bucket_errors(url: str) -> Iterator[None]:
     except PermissionError as exc:
         raise WriteError(f"cannot write {url}: access denied ({exc})") from None
     except FileNotFoundError as exc:
+        if missing_ok:
+            raise
         raise WriteError(f"cannot write {url}: no such bucket or prefix ({exc})") from None
     except Exception as exc:  # botocore's and aiohttp's own (endpoint, credentials, DNS...)
         text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
@@ -233,16 +271,24 @@ def refine_into_bucket(
     the run record, its outputs named by their URLs."""
     outputs = BucketOutputs(url, name)
     user_progress = options.pop("progress", None)
+    options.pop("bucket", None)
+    on_cluster = options.get("scheduler") is not None or options.get("client") is not None
 
     def progress(done: int, total: int, result: Any) -> None:
-        outputs.on_block(result)
+        if result is not None and on_cluster:  # the worker uploaded it: fetch what we need
+            outputs.pull_block(result.key, chunks=bool(options.get("vectors")))
+        else:
+            outputs.on_block(result)
         if user_progress is not None:
             user_progress(done, total, result)
 
     with outputs.lease():
         outputs.pull()
-        record = refine(scene, outputs.paths.outdir, name=name, progress=progress, **options)
-        outputs.sync(last=outputs.paths.run_json)
+        bucket = url if on_cluster else None  # block tasks write the bucket themselves
+        record = refine(
+            scene, outputs.paths.outdir, name=name, progress=progress, bucket=bucket, **options
+        )
+        outputs.sync(last=outputs.paths.run_json, delete=not on_cluster)
     record.outputs = {key: outputs.url_of(Path(path)) for key, path in record.outputs.items()}
     store.remove_outputs(outputs.paths)  # the bucket has it all; a rerun pulls it again
     return record

@@ -69,6 +69,9 @@ class RefineJob:
     """Blocks in flight on the local scheduler (a ``distributed`` worker counts its own)."""
     threshold: float = 0.5
     """Probability above which a pixel is road in the mask."""
+    bucket: str | None = None
+    """The ``s3://`` prefix the outputs are kept in, when the block tasks (on a cluster) write
+    it themselves, each worker through a working copy of its own (:mod:`geoprn.bucket`)."""
 
     @property
     def stages(self) -> list[tuple[str, list[ModelRef]]]:

@@ -90,6 +90,7 @@ def refine(
     on_windows: Callable[[int, int], None] | None = None,
     name: str | None = None,
     client: Client | None = None,
+    bucket: str | None = None,
 ) -> RunRecord:
     """Segment roads over a whole scene and write Zarr probabilities and a COG mask.
 
@@ -140,6 +141,8 @@ def refine(
         name: what the outputs are named after (default: the scene's file name).
         client: a connected ``distributed`` client to run the blocks on, instead of
             ``scheduler`` (:func:`geoprn.batch.refine_batch` shares one between scenes).
+        bucket: set by :func:`geoprn.bucket.refine_into_bucket` on a cluster: the ``s3://``
+            prefix the block tasks write their outputs to themselves.
 
     Returns:
         The run record, also written to ``<stem>_run.json``.
@@ -162,7 +165,7 @@ def refine(
     connected = contextlib.nullcontext(client) if client is not None else connect(scheduler)
     with connected as client, store.exclusive(job.paths), _resumable(job.paths):
         plan = plan_blocks(job, signature, zarr_format, overwrite)
-        job = replace(job, threads=threads or local_threads(device))
+        job = replace(job, threads=threads or local_threads(device), bucket=bucket)
         results = compute_blocks(job, plan, client, progress, on_windows)
         blocks_seconds = time.perf_counter() - started
         outputs = assemble_outputs(job, plan, vectors, simplify_m, min_length_m)

@@ -129,6 +129,37 @@ def test_a_batch_from_a_bucket_prefix_to_a_bucket(s3, scene, models, tmp_path):
         assert s3_filesystem().isfile(f"outputs/batch/{name}_mask.tif")
 
 
+def test_cluster_workers_write_the_bucket_without_sharing_this_disk(
+    s3, scene, models, local, tmp_path
+):
+    """`--scheduler` with `-o s3://`: the workers keep their working copies on a disk of
+    their own (another GEOPRN_CACHE here, as on another machine), upload their blocks
+    themselves and keep none of them; the bucket ends up a local run's, vectors too, and a
+    rerun resumes from it."""
+    from distributed import LocalCluster
+
+    url = "s3://outputs/cluster/"
+    elsewhere = tmp_path / "worker-disk"
+    with LocalCluster(
+        n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None,
+        env={"GEOPRN_CACHE": str(elsewhere)},
+    ) as cluster:  # fmt: skip
+        address = cluster.scheduler_address
+        record = refine(scene, url, **options(models), scheduler=address, vectors=True)
+        assert record.blocks["computed"] == 6
+        rerun = refine(scene, url, **options(models), scheduler=address, vectors=True)
+    assert rerun.blocks["resumed"] == 6 and rerun.blocks["computed"] == 0
+    copy = elsewhere / "outputs" / working_copy(url).name
+    assert (copy / f"{STEM}.zarr" / "base" / ".zarray").is_file()  # the workers wrote there
+    left = [p for p in copy.rglob("*") if p.is_file() and ".z" not in p.name]
+    assert left == []  # and kept none of their blocks: chunks, pieces, markers uploaded
+    got = download(url, tmp_path / "got")
+    assert_same(got, local)
+    fs = s3_filesystem()
+    assert len(fs.ls(f"outputs/cluster/.{STEM}.geoprn/done")) == 6
+    assert (got / f"{STEM}_roads.gpkg").is_file()
+
+
 def test_a_killed_run_resumes_on_the_bucket(s3, scene, models, local, tmp_path):
     """SIGKILL once some blocks are in the bucket, and the working copy lost (another
     machine): the same command resumes from the bucket and its outputs are a whole run's."""
