@@ -201,7 +201,13 @@ class BucketOutputs:
     def pull_block(self, key: str, chunks: bool = False) -> None:
         """Fetch a block a worker uploaded: its done marker and pieces (and its ``chunks``)."""
         marker = self.paths.done / key
-        self._get(marker)
+        try:
+            self._get(marker)
+        except FileNotFoundError:
+            raise WriteError(
+                f"{self.url}: block {key} finished on a worker but its done marker is not in "
+                "the bucket; run the same command again to resume"
+            ) from None
         written, pieces = self._block_files(key, json.loads(marker.read_text()))
         for path in [*pieces, *(written if chunks else ())]:
             with contextlib.suppress(FileNotFoundError):  # no piece: a skipped block's
