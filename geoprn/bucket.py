@@ -65,7 +65,10 @@ def working_copy(url: str) -> Path:
 class BucketOutputs:
     """One scene's outputs under an ``s3://`` prefix and their local working copy."""
 
-    def __init__(self, url: str, stem: str):
+    def __init__(self, url: str, stem: str, workers_upload: bool = False, chunks: bool = False):
+        """``workers_upload``: block tasks on a cluster upload their blocks themselves
+        (:meth:`on_block` then fetches them, with their ``chunks`` when asked)."""
+        self.workers_upload, self.chunks = workers_upload, chunks
         self.url = url.rstrip("/")
         self.fs = s3_filesystem()
         self.root = self.url.removeprefix("s3://")
@@ -233,9 +236,12 @@ class BucketOutputs:
 
     def on_block(self, result: Any) -> None:
         """``refine``'s progress hook: the first sync once the blocks are planned (called
-        with None before the first block), then each finished block."""
+        with None before the first block), then each finished block: uploaded, or fetched
+        where its worker uploaded it."""
         if result is None:
             self.sync()
+        elif self.workers_upload:
+            self.pull_block(result.key, self.chunks)
         else:
             self.push_block(result.key)
 
@@ -275,16 +281,13 @@ def refine_into_bucket(
     """Run ``refine`` (:func:`geoprn.pipeline.refine`) with its outputs under ``url``: lease,
     pull, the run in the working copy with the bucket kept in step, final upload. Returns
     the run record, its outputs named by their URLs."""
-    outputs = BucketOutputs(url, name)
-    user_progress = options.pop("progress", None)
     options.pop("bucket", None)
     on_cluster = options.get("scheduler") is not None or options.get("client") is not None
+    outputs = BucketOutputs(url, name, on_cluster, chunks=bool(options.get("vectors")))
+    user_progress = options.pop("progress", None)
 
     def progress(done: int, total: int, result: Any) -> None:
-        if result is not None and on_cluster:  # the worker uploaded it: fetch what we need
-            outputs.pull_block(result.key, chunks=bool(options.get("vectors")))
-        else:
-            outputs.on_block(result)
+        outputs.on_block(result)
         if user_progress is not None:
             user_progress(done, total, result)
 
@@ -294,7 +297,7 @@ def refine_into_bucket(
         record = refine(
             scene, outputs.paths.outdir, name=name, progress=progress, bucket=bucket, **options
         )
-        outputs.sync(last=outputs.paths.run_json, delete=not on_cluster)
+        outputs.sync(last=outputs.paths.run_json, delete=not outputs.workers_upload)
     record.outputs = {key: outputs.url_of(Path(path)) for key, path in record.outputs.items()}
     store.remove_outputs(outputs.paths)  # the bucket has it all; a rerun pulls it again
     return record

@@ -47,7 +47,7 @@ from geoprn.errors import GeoprnWarning, InputError, OutputError
 from geoprn.labels import DEFAULT_ROAD_WIDTH, VECTOR_SUFFIXES, burn_roads, read_roads
 from geoprn.network_metrics import BUFFER_M, LengthCounts, apls, length_counts
 from geoprn.raster import SceneInfo, check_threshold, open_scene, pixel_size_m, read_region
-from geoprn.store import recorded_cut_off
+from geoprn.store import mask_cut_offs, run_inputs
 from geoprn.tiling import Block, Range
 
 log = logging.getLogger(__name__)
@@ -215,15 +215,11 @@ def _open_store(path: Path) -> Prediction:
     height, width = ds.rio.shape
     grid = Grid(height, width, ds.rio.transform(), ds.rio.crs)
     prediction = Prediction(path, path.stem, variables, grid, _store=path)
-    recorded = recorded_cut_off(path)  # the mask's
-    if recorded is not None:
-        prediction.cut_offs[recorded[0]] = recorded[1]
-    run = path.with_name(f"{path.stem}_run.json")
-    if run.is_file():
-        inputs = json.loads(run.read_text()).get("inputs", {})
-        if inputs.get("scene") and Path(inputs["scene"]).is_file():
-            prediction.image = Path(inputs["scene"])
-            prediction.bands = list(inputs.get("bands") or [1, 2, 3])[:3]
+    inputs = run_inputs(path)
+    prediction.cut_offs = mask_cut_offs(path, inputs)
+    if inputs.get("scene") and Path(inputs["scene"]).is_file():
+        prediction.image = Path(inputs["scene"])
+        prediction.bands = list(inputs.get("bands") or [1, 2, 3])[:3]
     return prediction
 
 

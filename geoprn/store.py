@@ -46,7 +46,7 @@ from zarr.codecs import BloscCodec
 
 from geoprn.errors import InputError, OutputError
 from geoprn.files import write_text, writing
-from geoprn.raster import SceneInfo
+from geoprn.raster import SceneInfo, check_threshold
 from geoprn.tiling import Block
 
 CHUNK = 512
@@ -418,23 +418,39 @@ def open_variable(paths: OutputPaths, name: str) -> zarr.Array:
     return zarr.open_array(paths.zarr / name, mode="r")
 
 
-def recorded_cut_off(zarr_path: Path) -> tuple[str, float] | None:
-    """The variable a ``refine`` store's mask came from (``refined``, else ``base``) and the
-    cut-off its run recorded (``<stem>_run.json`` beside the store); None without a record.
+def run_inputs(zarr_path: Path) -> dict[str, Any]:
+    """The ``inputs`` of the run record (``<stem>_run.json``) beside a ``refine`` store; {}
+    when there is none.
 
     Raises:
-        InputError: the record's cut-off is no number in [0, 1).
+        InputError: the record is not one refine wrote (not JSON, or no object).
     """
     run = zarr_path.with_name(f"{zarr_path.stem}_run.json")
     if not run.is_file():
-        return None
+        return {}
     try:
-        recorded = json.loads(run.read_text()).get("inputs", {}).get("threshold")
-    except (OSError, ValueError, AttributeError):
-        return None  # not a record refine wrote: nothing recorded
+        inputs = json.loads(run.read_text()).get("inputs", {})
+    except (OSError, ValueError, AttributeError) as exc:
+        raise InputError(f"{run} is not a run record refine wrote ({exc})") from None
+    return inputs if isinstance(inputs, dict) else {}
+
+
+def mask_cut_offs(zarr_path: Path, inputs: dict[str, Any]) -> dict[str, float]:
+    """The cut-off of the variable a ``refine`` store's mask came from (``refined``, else
+    ``base``), as its run's ``inputs`` (:func:`run_inputs`) record it; {} without one.
+
+    Raises:
+        InputError: the recorded cut-off is no number in [0, 1).
+    """
+    recorded = inputs.get("threshold")
     if recorded is None:
-        return None
-    if isinstance(recorded, bool) or not isinstance(recorded, int | float) or not 0 <= recorded < 1:
-        raise InputError(f"{run}: its threshold, {recorded!r}, is no cut-off in [0, 1)")
+        return {}
+    try:
+        cut = check_threshold(float(recorded))
+    except (TypeError, ValueError, InputError):
+        raise InputError(
+            f"the run record beside {zarr_path}: its threshold, {recorded!r}, is no cut-off "
+            "in [0, 1)"
+        ) from None
     variables = zarr.open_group(str(zarr_path), mode="r")
-    return ("refined" if "refined" in variables else "base"), float(recorded)
+    return {"refined" if "refined" in variables else "base": cut}

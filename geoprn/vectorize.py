@@ -126,7 +126,7 @@ class RoadSource:
     def open(cls, path: str | Path, variable: str = "refined", threshold: float | None = None):
         """Open and check a source; raises InputError when it cannot be one. ``threshold``
         None: for the variable a ``refine`` store's mask came from, the cut-off its run
-        recorded (:func:`geoprn.store.recorded_cut_off`), else 0.5."""
+        recorded (:func:`geoprn.store.mask_cut_offs`), else 0.5."""
         if threshold is not None:
             raster.check_threshold(threshold)
         path = Path(path)
@@ -134,10 +134,9 @@ class RoadSource:
             raise InputError(f"file not found: {path}")
         if path.suffix == ".zarr" or (path / ".zgroup").exists() or (path / "zarr.json").exists():
             if threshold is None:
-                from geoprn.store import recorded_cut_off
+                from geoprn.store import mask_cut_offs, run_inputs
 
-                recorded = recorded_cut_off(path)
-                threshold = recorded[1] if recorded and recorded[0] == variable else 0.5
+                threshold = mask_cut_offs(path, run_inputs(path)).get(variable, 0.5)
             return cls._open_zarr(path, variable, threshold)
         threshold = 0.5 if threshold is None else threshold
         if path.is_dir():

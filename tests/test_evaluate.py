@@ -198,6 +198,8 @@ def test_a_refine_folder_is_scored_at_the_cut_off_its_mask_was_made_with(tmp_pat
     document["inputs"]["threshold"] = "high"
     record.write_text(json.dumps(document))
     assert_one_line_error(run("evaluate", out, "--labels", OSM), "is no cut-off in [0, 1)")
+    record.write_text("{not json")
+    assert_one_line_error(run("evaluate", out, "--labels", OSM), "is not a run record")
 
 
 def test_command_errors(real, tmp_path):
