@@ -6,6 +6,9 @@ Used to decide which pair ``refine`` runs by default (``README.md``, Shipped wei
 
     python benchmarks/default_pair.py --old-base geoprn/weights/base_default.safetensors \\
         --old-prn none
+    python benchmarks/default_pair.py --prn none --old-symmetries 1 \\
+        --old-base geoprn/weights/base_all_sets_3.safetensors \\
+        --old-prn geoprn/weights/prn_rgb_all3.safetensors    # against the default before
 """
 
 from __future__ import annotations
@@ -20,12 +23,17 @@ from prn_accuracy import POOLED, SETS, cache_path, labelled_probabilities, per_p
 from geoprn.gain import bootstrap_gain
 from geoprn.inference import resolve_device
 from geoprn.models.checkpoint import DEFAULT_BASE, DEFAULT_PRN, read_header
+from geoprn.models.header import recorded_symmetries
 from geoprn.train import refined_probabilities
 
 
-def pair_counts(args, base: str, prn: str | None, dataset: str):
-    """Per-place counts of ``base`` (+ ``prn``) on the set's test places, at its cut-off."""
-    ns = argparse.Namespace(**{**vars(args), "dataset": dataset, "base": base})
+def pair_counts(args, base: str, prn: str | None, dataset: str, symmetries: str):
+    """Per-place counts of ``base`` (+ ``prn``) on the set's test places, at its cut-off, the
+    base model averaged over ``symmetries`` window symmetries (``auto``: as its checkpoint
+    records, as refine runs it)."""
+    symmetries = window_symmetries(base, symmetries)
+    ns = argparse.Namespace(**{**vars(args), "dataset": dataset, "base": base,
+                               "symmetries": symmetries})  # fmt: skip
     tiles, probs = labelled_probabilities(ns, [args.split])
     last = read_header(prn or base)
     if prn is not None:
@@ -37,9 +45,16 @@ def pair_counts(args, base: str, prn: str | None, dataset: str):
     return per_place([p > cut for p in probs], tiles), cut
 
 
-def label(base: str, prn: str | None, cut: float) -> str:
-    """``base + prn @ cut`` by file stems."""
-    return " + ".join(Path(p).stem for p in (base, prn) if p) + f" @ {cut:g}"
+def window_symmetries(base: str, symmetries: str) -> int:
+    """``symmetries``, or for ``auto`` the number ``base`` records."""
+    return recorded_symmetries(read_header(base)) if symmetries == "auto" else int(symmetries)
+
+
+def label(base: str, prn: str | None, cut: float, symmetries: str) -> str:
+    """``base [x N symmetries] + prn @ cut`` by file stems."""
+    symmetries = window_symmetries(base, symmetries)
+    names = [Path(base).stem + f" x {symmetries} symmetries" * (symmetries > 1)]
+    return " + ".join(names + ([Path(prn).stem] if prn else [])) + f" @ {cut:g}"
 
 
 def main() -> None:
@@ -48,6 +63,9 @@ def main() -> None:
     parser.add_argument("--prn", default=str(DEFAULT_PRN), help="'none': the base alone")
     parser.add_argument("--old-base", required=True)
     parser.add_argument("--old-prn", default="none")
+    for flag in ("--symmetries", "--old-symmetries"):
+        parser.add_argument(flag, choices=("auto", "1", "4", "8"), default="auto",
+                            help="window symmetries of that base (auto: its own)")  # fmt: skip
     parser.add_argument("--sets", default=",".join(SETS))
     parser.add_argument("--split", default="test")
     parser.add_argument("--device", default="cpu")
@@ -60,12 +78,14 @@ def main() -> None:
     new, old = (None if p == "none" else p for p in (args.prn, args.old_prn))
     rows = {}
     for name in args.sets.split(","):
-        (n, ncut), (o, ocut) = (pair_counts(args, args.base, new, name),
-                                pair_counts(args, args.old_base, old, name))  # fmt: skip
+        (n, ncut), (o, ocut) = (pair_counts(args, args.base, new, name, args.symmetries),
+                                pair_counts(args, args.old_base, old, name,
+                                            args.old_symmetries))  # fmt: skip
         rows[name] = (o, n)
     print(
-        f"{args.split} places; default {label(args.base, new, ncut)} against "
-        f"{label(args.old_base, old, ocut)}; {time.perf_counter() - started:.0f} s\n"
+        f"{args.split} places; default {label(args.base, new, ncut, args.symmetries)} against "
+        f"{label(args.old_base, old, ocut, args.old_symmetries)}; "
+        f"{time.perf_counter() - started:.0f} s\n"
     )
     print(
         "| places | other pair: road IoU | default: road IoU | gain (90 % interval) | "

@@ -13,6 +13,14 @@ Rows per set, all on the same places and valid pixels (white Massachusetts areas
 - base + BPR and base + PRN + BPR, as ``refine --refiner bpr`` / ``prn+bpr`` runs them;
 - the patch-optimal oracle (each 64 x 64 patch at its own best threshold given the truth).
 
+With ``--symmetries N`` (4 or 8) the base model's map is averaged over that many window
+symmetries, as ``refine --symmetries N`` makes it: the first two rows stay the base model in
+one pass, then come the averaged map at 0.5 and at the one threshold best on every val place
+of the sets scored, and the refiner, BPR and oracle rows run on the averaged map. ``--record``
+then also stores that gain, the symmetries and that cut-off in the base model's checkpoint
+(``refine --symmetries auto`` and ``--threshold auto`` read them), and a PRN's gain over the
+averaged map at its cut-off (what runs without the PRN).
+
 The sets are scored alone and pooled (``massachusetts + massachusetts_crops``, the issue's
 target). Probabilities are computed as ``refine`` computes them (overlapping 512 windows,
 blended) and cached (``--cache``). ``--record`` stores the first PRN's gain over all the test
@@ -25,6 +33,7 @@ its cut-off (what runs without BPR), else right after the base model, over the b
     python benchmarks/prn_accuracy.py                       # shipped weights, the three sets
     python benchmarks/prn_accuracy.py --base B --prn P --bpr none --record
     python benchmarks/prn_accuracy.py --sets massachusetts --prn none --bpr none   # the room
+    python benchmarks/prn_accuracy.py --symmetries 8 --prn none --bpr none --record
 """
 
 from __future__ import annotations
@@ -54,6 +63,7 @@ from geoprn.models.checkpoint import (
     record_gain,
     rewrite_header,
 )
+from geoprn.models.predictor import SYMMETRIES
 from geoprn.pseudo_labels import THRESHOLDS, patch_optimal_labels
 from geoprn.train import base_probabilities, refined_probabilities
 
@@ -74,6 +84,10 @@ def add_probability_options(parser: argparse.ArgumentParser, split: str) -> None
     parser.add_argument("--precision", choices=PRECISIONS, default="auto", help="as refine's")
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument(
+        "--symmetries", type=int, choices=SYMMETRIES, default=1,
+        help="average the base model over this many window symmetries, as refine does",
+    )  # fmt: skip
+    parser.add_argument(
         "--cache",
         help="Zarr cache of the base and PRN probabilities, reused by later runs (default: "
         "geoprn-accuracy-<base hash>.zarr in the temporary folder: one per base model)",
@@ -83,7 +97,7 @@ def add_probability_options(parser: argparse.ArgumentParser, split: str) -> None
 def cache_path(args: argparse.Namespace) -> str:
     """``--cache``, or the default cache of ``--base``: a cache holds one base model's
     probabilities, so another base gets its own instead of replacing it."""
-    tag = file_sha256(args.base)[:12]
+    tag = file_sha256(args.base)[:12] + f"-s{args.symmetries}" * (args.symmetries > 1)
     return args.cache or str(Path(tempfile.gettempdir()) / f"geoprn-accuracy-{tag}.zarr")
 
 
@@ -93,8 +107,9 @@ def labelled_probabilities(args: argparse.Namespace, splits: list[str]):
     pairs = [p for split in splits for p in split_tiles(args.dataset, split)]
     tiles = load_tiles(pairs, header["bands"], header.get("nodata"))
     probs = base_probabilities(
-        tiles, cache_path(args), args.base, None, args.batch_size, args.device, args.precision
-    )
+        tiles, cache_path(args), args.base, None, args.batch_size, args.device, args.precision,
+        args.symmetries,
+    )  # fmt: skip
     return tiles, probs
 
 
@@ -174,13 +189,27 @@ class SetScores:
         test, probs = labelled_probabilities(ns, [args.split])
         self.places, self.test = len(test), test
         names = [t.name for t in test]
-        rows = {
-            "base @ 0.5": per_place([p > 0.5 for p in probs], test),
-            "base @ tuned global threshold": per_place([p > self.tau for p in probs], test),
-        }
         self.bpr_seconds: list[tuple[str, float, int, float]] = []
         self.refined: dict[str, list[np.ndarray]] = {}  # row -> test maps (thresholds later)
         self.held_out: dict[str, np.ndarray] = {}  # row -> (thresholds, 3) counts on val
+        rows = {}
+        if args.symmetries > 1:  # the rows of the base model in one pass come first
+            one = argparse.Namespace(**{**vars(ns), "symmetries": 1})
+            _, val_one = labelled_probabilities(one, ["val"])
+            tau_one = max(TUNED, key=lambda t: scores([p > t for p in val_one], val)["road IoU"])
+            _, test_one = labelled_probabilities(one, [args.split])
+            rows["base @ 0.5"] = per_place([p > 0.5 for p in test_one], test)
+            rows["base @ tuned global threshold"] = per_place([p > tau_one for p in test_one], test)
+            averaged = f"base, {args.symmetries} symmetries"
+            rows[averaged] = per_place([p > 0.5 for p in probs], test)
+            self.refined[averaged] = probs  # its cut-off is tuned on every val place
+            self.held_out[averaged] = np.stack([
+                per_place([p > t for p in val_probs], val)[0].sum(0) for t in TUNED
+            ])  # fmt: skip
+            self.tau = tau_one
+        else:
+            rows["base @ 0.5"] = per_place([p > 0.5 for p in probs], test)
+            rows["base @ tuned global threshold"] = per_place([p > self.tau for p in probs], test)
         for prn in prns:
             tag = "PRN" if len(prns) == 1 else f"PRN {Path(prn).stem}"
             held = set((read_header(prn, "prn").get("trained_on") or {}).get("val_tiles", []))
@@ -285,7 +314,8 @@ def gain_record(
     prn_sha: str | None,
     over: str = "base @ 0.5",
 ) -> dict:
-    """The :class:`geoprn.gain.ValidatedGain` of ``row`` over row ``over``, on all places."""
+    """The :class:`geoprn.gain.ValidatedGain` of ``row`` over row ``over``, on all places,
+    after the base model averaged over ``args.symmetries``."""
     base = rows[over]
     road = bootstrap_gain(base[0], rows[row][0], "road IoU")
     mba = bootstrap_gain(base[1], rows[row][1], "mBA")
@@ -293,6 +323,7 @@ def gain_record(
         "places": {f"{name} {args.split}": s.places for name, s in sets.items()},
         "base_sha256": base_sha,
         "prn_sha256": prn_sha,
+        "base_symmetries": args.symmetries,
         "reference": "the base model at 0.5" if over == "base @ 0.5" else over,
         "base_road_iou": round(100 * pooled(*base)["road IoU"], 3),
         "refined_road_iou": round(100 * pooled(*rows[row])["road IoU"], 3),
@@ -350,6 +381,14 @@ def main() -> None:
     for s in sets.values():
         for name, seconds, boxes, km2 in s.bpr_seconds:
             print(f"{name}: {boxes / km2:.0f} boxes/km², {seconds / km2:.1f} s/km² at 1 m")
+    averaged = f"base, {args.symmetries} symmetries"
+    if averaged in tuned:
+        averaged = f"{averaged} @ {tuned[averaged]:.2f}, tuned on its held-out val places"
+    if args.record and args.symmetries > 1:  # the base model's map as refine makes it
+        base_gain = gain_record(everything, averaged, sets, args, file_sha256(args.base), None)
+        record_gain(args.base, base_gain, tuned[f"base, {args.symmetries} symmetries"],
+                    args.symmetries)  # fmt: skip
+        print(f"recorded in {args.base} ({averaged}): `geoprn info {args.base}`")
     if args.record and prns:
         base_sha, scored_sha = file_sha256(args.base), file_sha256(prns[0])
         rule = read_header(prns[0], "prn")["arguments"].get("rule", "mean")
@@ -357,7 +396,8 @@ def main() -> None:
         row, tau = f"base + {tag} ({rule})", tuned.get(f"base + {tag} ({rule})")
         if tau is not None:  # refine --threshold auto binarises at it: the gain recorded
             row = f"{row} @ {tau:.2f}, tuned on its held-out val places"
-        record_gain(prns[0], gain_record(everything, row, sets, args, base_sha, None), tau)
+        over = averaged if args.symmetries > 1 else "base @ 0.5"  # what runs without it
+        record_gain(prns[0], gain_record(everything, row, sets, args, base_sha, None, over), tau)
         print(f"recorded in {prns[0]} ({row}): `geoprn info {prns[0]}`")
         if args.bpr != "none":  # over what runs without it, after the chain it trained on
             prn_sha = file_sha256(prns[0])  # recording rewrote the PRN's header: its new hash

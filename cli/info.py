@@ -6,8 +6,9 @@ import json
 
 import click
 
-from geoprn.gain import recorded_gain
+from geoprn.gain import passes, recorded_gain
 from geoprn.models.checkpoint import load_model
+from geoprn.models.header import recorded_symmetries
 
 
 @click.command()
@@ -19,7 +20,7 @@ def info(checkpoint: str) -> None:
     header = dict(model.geoprn_meta)
     header["parameters"] = sum(p.numel() for p in model.net.parameters())
     click.echo(json.dumps(header, indent=2))
-    gain = None if header["kind"] == "base" else recorded_gain(header)  # a bad one: one line
+    gain = recorded_gain(header)  # a bad one: one line
     cut = header.get("threshold")
     click.echo(
         f"mask cut-off (refine --threshold auto): {cut:g}, tuned on held-out val places"
@@ -27,6 +28,12 @@ def info(checkpoint: str) -> None:
         err=True,
     )  # fmt: skip
     if header["kind"] == "base":
+        click.echo(
+            "window symmetries averaged (refine --symmetries auto): "
+            f"{recorded_symmetries(header)}", err=True,
+        )  # fmt: skip
+        if gain is not None:
+            click.echo(f"measured: {gain.describe()}", err=True)
         return
     if gain is None:
         click.echo(
@@ -34,6 +41,5 @@ def info(checkpoint: str) -> None:
         )
         return
     verdict = "a default refiner" if gain.positive else "not a default refiner: no gain"
-    click.echo(
-        f"validated gain: {gain.describe()}; {verdict} after base {gain.base_sha256[:12]}", err=True
-    )
+    after = f"base {gain.base_sha256[:12]} {passes(gain.base_symmetries)}"
+    click.echo(f"validated gain: {gain.describe()}; {verdict} after {after}", err=True)

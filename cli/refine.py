@@ -134,6 +134,14 @@ def _bands(ctx: click.Context, param: click.Parameter, value: str | None) -> lis
     "records (chosen on held-out val places; geoprn info prints it), else 0.5.",
 )
 @click.option(
+    "--symmetries",
+    type=click.Choice(["auto", "1", "4", "8"]),
+    default="auto",
+    show_default=True,
+    help="Average the base model over this many flips and quarter turns of each window "
+    "(that many passes); auto: as its checkpoint records (geoprn info prints it), else 1.",
+)
+@click.option(
     "--zarr-format",
     type=click.Choice(["2", "3"]),
     default="2",

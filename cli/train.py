@@ -204,6 +204,14 @@ def base(tiles, output, config_name, nodata, val_tiles, **options) -> None:
 )
 @INIT_OPTION
 @click.option(
+    "--symmetries",
+    type=click.Choice(["1", "4", "8"]),
+    default="1",
+    show_default=True,
+    help="Learn from the base model's map averaged over this many flips and quarter turns "
+    "of each window, as refine --symmetries makes it.",
+)
+@click.option(
     "--fold-workers",
     type=click.IntRange(min=1),
     default=1,
@@ -224,6 +232,7 @@ def prn(
     folds,
     base_config,
     init,
+    symmetries,
     fold_workers,
     scheduler,
     val_tiles,
@@ -240,9 +249,12 @@ def prn(
         if fold_workers != 1 or scheduler:
             raise click.UsageError("--fold-workers and --scheduler go with --folds")
         sources = {"base": base, "probs_dir": probs_dir, "init": init}
+        sources["symmetries"] = int(symmetries)
         trainer = train_prn
-    elif base or probs_dir:
-        raise click.UsageError("--folds trains its own base models: drop --base and --probs")
+    elif base or probs_dir or symmetries != "1":
+        raise click.UsageError(
+            "--folds trains its own base models: drop --base, --probs and --symmetries"
+        )
     else:
         base_settings = load_config(base_config, road_width=config["road_width"])
         sources = {

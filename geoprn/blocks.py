@@ -39,6 +39,7 @@ from geoprn.inference import (
 from geoprn.models.bpr import BoundaryRefiner
 from geoprn.models.checkpoint import load_cached
 from geoprn.models.header import reads_image
+from geoprn.models.predictor import SymmetryMean
 from geoprn.quicklook import sample_block, sampling_step, save_piece, shown_bands
 from geoprn.raster import (
     open_raster,
@@ -141,7 +142,10 @@ def predict_stages(
         return Prediction(zeros, 0, own_image, valid[own])
     device = resolve_device(job.device)
     batch_size = job.batch_size or auto_batch_size(device, blocks_in_flight(job.threads))
-    models = [stage_model(refs, str(device), job.compile) for _, refs in job.stages]
+    models = [
+        stage_model(refs, str(device), job.compile, job.symmetries if name == "base" else 1)
+        for name, refs in job.stages
+    ]
     if job.compile:  # before this thread does any other torch work
         for (name, _), model in zip(job.stages, models, strict=True):
             if not isinstance(model, BoundaryRefiner):
@@ -237,14 +241,18 @@ def takes_image(model: torch.nn.Module) -> bool:
     return isinstance(model, BoundaryRefiner) or reads_image(model.geoprn_meta)
 
 
-def stage_model(refs: list[ModelRef], device: str, compiled: bool = False) -> torch.nn.Module:
-    """The model of one stage, loaded once per worker: a base model, a PRN, or BPR run on
-    each window (after PRN when both are given). ``compiled``: base model and PRN through
-    ``torch.compile`` (BPR, whose boxes vary in number, runs as it is)."""
+def stage_model(
+    refs: list[ModelRef], device: str, compiled: bool = False, symmetries: int = 1
+) -> torch.nn.Module:
+    """The model of one stage, loaded once per worker: a base model (its probabilities
+    averaged over ``symmetries`` of each window), a PRN, or BPR run on each window (after
+    PRN when both are given). ``compiled``: base model and PRN through ``torch.compile``
+    (BPR, whose boxes vary in number, runs as it is)."""
     models = [load_cached(ref.path, ref.sha256, device) for ref in refs]
     meta = models[-1].geoprn_meta
     if meta["kind"] != "bpr":
-        return load_cached(refs[0].path, refs[0].sha256, device, True) if compiled else models[0]
+        model = load_cached(refs[0].path, refs[0].sha256, device, True) if compiled else models[0]
+        return model if symmetries == 1 else SymmetryMean(model, symmetries)
     before = models[0] if len(models) == 2 else None
     return BoundaryRefiner(models[-1], before, meta["box"], meta["input_size"], meta["nms_iou"])
 

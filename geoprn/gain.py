@@ -30,6 +30,9 @@ class ValidatedGain(BaseModel):
 
     places: dict[str, int] = Field(description="places scored, per data set and split")
     base_sha256: str = Field(description="the base model the gain was measured after")
+    base_symmetries: int = Field(
+        default=1, description="the window symmetries that base model's map was averaged over"
+    )
     prn_sha256: str | None = Field(
         default=None, description="for BPR: the PRN it ran after (None: right after the base)"
     )
@@ -144,9 +147,15 @@ def bootstrap_gain(
     return gain, float(low), float(high)
 
 
-def qualifies(header: dict, base_sha256: str | None) -> tuple[bool, str]:
+def passes(symmetries: int) -> str:
+    """How the base model ran, in words: in one pass, or averaged over window symmetries."""
+    return "in one pass" if symmetries == 1 else f"averaged over {symmetries} window symmetries"
+
+
+def qualifies(header: dict, base_sha256: str | None, symmetries: int = 1) -> tuple[bool, str]:
     """Whether a refiner checkpoint may run by default after the base model ``base_sha256``
-    (None: refining given probabilities, whose model no gain was measured with).
+    (None: refining given probabilities, whose model no gain was measured with) averaged over
+    ``symmetries`` window symmetries.
 
     Returns:
         (yes or no, the reason in a few words).
@@ -156,6 +165,11 @@ def qualifies(header: dict, base_sha256: str | None) -> tuple[bool, str]:
         return False, "no validated gain is recorded in it"
     if base_sha256 is None or gain.base_sha256 != base_sha256:
         return False, "its gain was measured after another base model"
+    if gain.base_symmetries != symmetries:
+        return False, (
+            f"its gain was measured after the base model {passes(gain.base_symmetries)}, "
+            f"not {passes(symmetries)}"
+        )
     lo, hi = gain.road_iou_interval
     if not gain.positive:
         return False, (

@@ -11,7 +11,7 @@ from urllib.parse import urlsplit
 
 from geoprn import store
 from geoprn.errors import GeoprnWarning, InputError
-from geoprn.gain import qualifies
+from geoprn.gain import passes, qualifies
 from geoprn.inference import autocast_dtype, resolve_device
 from geoprn.models.checkpoint import (
     DEFAULT_BASE,
@@ -20,7 +20,8 @@ from geoprn.models.checkpoint import (
     file_sha256,
     read_header,
 )
-from geoprn.models.header import reads_image, recorded_cut_off
+from geoprn.models.header import reads_image, recorded_cut_off, recorded_symmetries
+from geoprn.models.predictor import SYMMETRIES
 from geoprn.raster import (
     SceneInfo,
     WorkGrid,
@@ -69,6 +70,8 @@ class RefineJob:
     """Blocks in flight on the local scheduler (a ``distributed`` worker counts its own)."""
     threshold: float = 0.5
     """Probability above which a pixel is road in the mask."""
+    symmetries: int = 1
+    """Window symmetries the base model's probabilities are averaged over (1: one pass)."""
     bucket: str | None = None
     """The ``s3://`` prefix the outputs are kept in, when the block tasks (on a cluster) write
     it themselves, each worker through a working copy of its own (:mod:`geoprn.bucket`)."""
@@ -113,10 +116,13 @@ def open_inputs(
     zarr_format: int = 2,
     vectors: bool = False,
     name: str | None = None,
+    symmetries: int | str = "auto",
 ) -> RefineJob:
     """``refine``'s first step: open the scene and check every input and option against it
     (models, bands, settings) before anything is written; the job says what each block task
     does. ``name`` names the outputs (default: the scene's file name, :func:`scene_stem`).
+    ``symmetries``: how many window symmetries the base model's probabilities are averaged
+    over, or ``"auto"``: as its checkpoint records (:func:`base_symmetries`).
 
     Raises:
         InputError, CheckpointError: one line naming what is wrong.
@@ -138,8 +144,9 @@ def open_inputs(
         base_ref = ModelRef.of(base)
     else:
         _check_probabilities(Path(probs), info)
+    symmetries = base_symmetries(symmetries, last if base_ref else None)
     if use_prn is None or use_bpr is None:
-        use_prn, use_bpr = default_refiners(prn, bpr, base_ref)
+        use_prn, use_bpr = default_refiners(prn, bpr, base_ref, symmetries)
     bpr_ref, bpr_header = None, {}
     if use_bpr:  # BPR reads the base model's bands (the image is read once)
         bpr = Path(bpr) if bpr is not None else DEFAULT_BPR
@@ -193,7 +200,20 @@ def open_inputs(
         block_size,
         compile,
         threshold=threshold,
+        symmetries=symmetries,
     )
+
+
+def base_symmetries(symmetries: int | str, header: dict | None) -> int:
+    """The window symmetries the base model (``header``; None: given probabilities) runs
+    over: ``symmetries``, or for ``"auto"`` the number its checkpoint records, else 1."""
+    if symmetries == "auto":
+        return recorded_symmetries(header) if header else 1
+    if str(symmetries) not in {str(n) for n in SYMMETRIES}:
+        raise InputError(f"--symmetries must be auto or one of 1, 4, 8, not {symmetries!r}")
+    if header is None and int(symmetries) != 1:
+        raise InputError("--symmetries averages a base model's passes: --probs has none")
+    return int(symmetries)
 
 
 def mask_threshold(threshold: float | str, header: dict) -> float:
@@ -208,14 +228,15 @@ def mask_threshold(threshold: float | str, header: dict) -> float:
 
 
 def default_refiners(
-    prn: str | Path | None, bpr: str | Path | None, base: ModelRef | None
+    prn: str | Path | None, bpr: str | Path | None, base: ModelRef | None, symmetries: int = 1
 ) -> tuple[bool, bool]:
     """Which refiners run when none is asked for by name (``--refiner auto``).
 
     A checkpoint given by path runs: that is asking for it. A shipped one runs only if it
     records a gain on held-out places above zero with its interval, measured after this very
-    base model (and, for BPR, after the PRN that runs or right after the base model):
-    :func:`geoprn.gain.qualifies`. When no refiner runs, says once where the mask comes from.
+    base model, averaged over the same ``symmetries`` (and, for BPR, after the PRN that runs
+    or right after the base model): :func:`geoprn.gain.qualifies`. When no refiner runs,
+    says once where the mask comes from.
     """
     base_sha = base.sha256 if base is not None else None
     reasons = []
@@ -227,7 +248,7 @@ def default_refiners(
             reasons.append(f"no {kind.upper()} is shipped")
             return False
         header = read_header(shipped, kind)
-        ok, why = qualifies(header, base_sha)
+        ok, why = qualifies(header, base_sha, symmetries)
         if ok and (header["validated_gain"].get("prn_sha256") != after):
             ok, why = False, "its gain was measured after another refiner chain"
         if not ok:
@@ -238,7 +259,7 @@ def default_refiners(
     prn_sha = ModelRef.of(prn or DEFAULT_PRN).sha256 if use_prn else None
     use_bpr = choose(bpr, DEFAULT_BPR, "bpr", prn_sha)
     if not use_prn and not use_bpr:
-        source = "base model" if base is not None else "given probabilities"
+        source = f"base model {passes(symmetries)}" if base is not None else "given probabilities"
         warnings.warn(
             f"the mask comes from the {source}, unrefined: no shipped refiner has a validated "
             f"gain for it ({'; '.join(reasons)}); --refiner prn runs PRN anyway",
@@ -314,4 +335,5 @@ def run_signature(job: RefineJob, zarr_format: int) -> dict:
         "zarr_format": zarr_format,
         "resample_factor": job.grid.factor,
         "precision": job.precision,
+        **({"symmetries": job.symmetries} if job.symmetries != 1 else {}),  # older runs: 1
     }

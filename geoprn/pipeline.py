@@ -80,6 +80,7 @@ def refine(
     scheduler: str | None = None,
     threads: int | None = None,
     threshold: float | str = "auto",
+    symmetries: int | str = "auto",
     overwrite: bool = False,
     zarr_format: int = 2,
     resample: str = "auto",
@@ -126,6 +127,9 @@ def refine(
         threshold: probability above which a pixel is road in the mask; ``"auto"``: the
             cut-off the last model's checkpoint records, else 0.5
             (:func:`geoprn.job.mask_threshold`).
+        symmetries: 1, 4 or 8 symmetries of each window the base model's probabilities are
+            averaged over (flips, then quarter turns; that many passes), or ``"auto"``: as
+            its checkpoint records (:func:`geoprn.job.base_symmetries`).
         overwrite: replace outputs of a different command instead of refusing.
         zarr_format: 2 (read by GDAL, with its CRS) or 3 (not by GDAL 3.10 or older).
         resample: ``auto`` runs the models on the scene resampled to their training GSD when
@@ -156,7 +160,7 @@ def refine(
     job = open_inputs(
         scene, outdir, base, prn, probs, use_prn, bpr, use_bpr, bands, device, precision,
         batch_size, block_size, overlap, resample, compile, threshold, zarr_format, vectors,
-        name,
+        name, symmetries,
     )  # fmt: skip
     if job.grid.resampled:
         log.info("models run at %.3g x the scene's pixel size", job.grid.factor)

@@ -190,3 +190,38 @@ def test_the_recorded_cut_off_makes_the_mask(models, shipped, tmp_path):
     bad = run("refine", scene, "-o", tmp_path / "bad", *common, "--threshold", "high")
     assert bad.exit_code != 0 and "--threshold must be 'auto' or a number" in bad.output
     assert "Traceback" not in bad.output
+
+
+def test_a_base_records_its_averaged_map_and_the_refiners_measured_after_it_follow(
+    models, shipped, tmp_path
+):
+    """A base model's record: its symmetries and cut-off (refine's defaults), the checkpoints
+    beside it that name its hash re-linked to its new one, and a PRN measured after its
+    single pass no default refiner for its averaged map."""
+    from geoprn.errors import GeoprnWarning
+    from geoprn.job import ModelRef, default_refiners
+
+    base = shipped["prn"].with_name("base.safetensors")
+    base.write_bytes(models["base"].read_bytes())
+    old = file_sha256(base)
+    record_gain(shipped["prn"], gain(old))  # a PRN measured after the base's single pass
+    record_gain(base, {**gain(old), "base_symmetries": 8}, 0.3, symmetries=8)
+    new = file_sha256(base)
+    header = read_header(base)
+    assert new != old and header["symmetries"] == 8 and header["threshold"] == 0.3
+    assert read_header(shipped["prn"])["validated_gain"]["base_sha256"] == new  # re-linked
+    ref = ModelRef.of(base)
+    assert default_refiners(None, None, ref, 1)[0]  # after the single pass: as measured
+    with pytest.warns(GeoprnWarning, match="in one pass, not averaged over 8 window symmetries"):
+        assert default_refiners(None, None, ref, 8) == (False, False)
+    info = CliRunner().invoke(cli, ["info", str(base)])
+    assert info.exit_code == 0, info.output
+    assert "window symmetries averaged (refine --symmetries auto): 8" in info.stderr
+    assert "mask cut-off (refine --threshold auto): 0.3" in info.stderr
+    assert "measured: +1.00 road IoU" in info.stderr
+    from geoprn.job import open_inputs
+
+    scene = write_raster(tmp_path / "scene.tif", np.zeros((3, 64, 64), "uint8"))
+    job = open_inputs(scene, tmp_path / "o", base, None, None, False, None, False, None,
+                      "cpu", "fp32", 1, 512, 64, "off")  # fmt: skip
+    assert (job.symmetries, job.threshold) == (8, 0.3)  # what the checkpoint records

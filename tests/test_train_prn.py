@@ -344,3 +344,21 @@ def test_micro_batches_accumulate_the_batch_gradient(val_crops, config):
     for other in gradients[1:]:
         for a, b in zip(gradients[0], other, strict=True):
             torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+
+
+def test_prn_learns_from_the_base_model_averaged_over_symmetries(val_crops, config, tmp_path):
+    from geoprn.models.predictor import SymmetryMean
+
+    config = {**config, "epochs": 1, "steps_per_epoch": 2}
+    out = tmp_path / "s4.safetensors"
+    train_prn([val_crops], config, out, base=DEFAULT_BASE, device="cpu", symmetries=4)
+    assert load_model(out).geoprn_meta["base"]["symmetries"] == 4
+    cache = zarr.open_group(str(out) + ".cache.zarr", mode="r")
+    assert cache.attrs["source"].endswith("_s4")
+    tile = load_tiles(discover_pairs([val_crops]), [1, 2, 3], 255)[0]
+    model = load_cached(str(DEFAULT_BASE.resolve()), file_sha256(DEFAULT_BASE), "cpu")
+    expected = predict_array(SymmetryMean(model, 4), tile.image)  # as refine --symmetries 4
+    np.testing.assert_array_equal(cache[f"probs/{tile.name}"][...], expected)
+    with pytest.raises(InputError, match="--probs has none"):
+        train_prn([val_crops], config, tmp_path / "x.safetensors", probs_dir=tmp_path,
+                  device="cpu", symmetries=4)  # fmt: skip

@@ -200,20 +200,56 @@ def rewrite_header(path: str | Path, header: dict[str, Any], out: str | Path | N
     return out
 
 
-def record_gain(path: str | Path, gain: dict[str, Any], threshold: float | None = None) -> Path:
+def record_gain(
+    path: str | Path,
+    gain: dict[str, Any],
+    threshold: float | None = None,
+    symmetries: int | None = None,
+) -> Path:
     """Store a refiner's validated gain (:class:`geoprn.gain.ValidatedGain`, as a dict) in
     its header as ``validated_gain``, and the mask cut-off it was measured at as
-    ``threshold`` (None: 0.5, and any recorded cut-off is dropped)."""
+    ``threshold`` (None: 0.5, and any recorded cut-off is dropped). A base model records
+    one only for its map averaged over ``symmetries`` window symmetries, which it records
+    too (``refine --symmetries auto``). The checkpoints beside it that name its old hash
+    follow it (:func:`relink`)."""
     from geoprn.gain import ValidatedGain
 
     header = read_header(path)
-    if header["kind"] == "base":
-        raise CheckpointError(f"{path} is a base model: only refiners carry a validated gain")
+    if header["kind"] == "base" and symmetries is None:
+        raise CheckpointError(
+            f"{path} is a base model: it carries a gain only for its map averaged over "
+            "window symmetries"
+        )
     header["validated_gain"] = ValidatedGain.model_validate(gain).model_dump(mode="json")
     header.pop("threshold", None)
     if threshold is not None:
         header["threshold"] = float(threshold)
+    if symmetries is not None:
+        header["symmetries"] = symmetries
     problem = header_problem(header)
     if problem:
         raise CheckpointError(f"{path}: {problem}")
-    return rewrite_header(path, header)
+    old = file_sha256(path)
+    rewrite_header(path, header)
+    relink(Path(path), old, file_sha256(path))
+    return Path(path)
+
+
+def relink(source: Path, old: str, new: str) -> list[Path]:
+    """Point the checkpoints beside ``source`` that name its old hash ``old`` (refiners
+    trained or measured after it) at ``new``, its hash under a rewritten header: the same
+    weights. Each file rewritten has a new hash in turn, which its own dependents follow
+    (a file's own record keeps the hash it was measured as). Returns the files rewritten."""
+    changed = []
+    for other in sorted(source.parent.glob("*.safetensors")):
+        if other.resolve() == source.resolve():
+            continue
+        try:
+            text = json.dumps(read_header(other))
+        except CheckpointError:  # not a geoprn checkpoint (a training state, say)
+            continue
+        if old in text:
+            before = file_sha256(other)
+            rewrite_header(other, json.loads(text.replace(old, new)))
+            changed += [other, *relink(other, before, file_sha256(other))]
+    return changed

@@ -62,6 +62,11 @@ class CheckpointHeader(BaseModel):
         default=None, gt=0, lt=1, allow_inf_nan=False,
         description="the road cut-off chosen on held-out val places (refine --threshold auto)",
     )  # fmt: skip
+    symmetries: Literal[1, 4, 8] | None = Field(
+        default=None,
+        description="a base model's: the window symmetries its probabilities are averaged "
+        "over (refine --symmetries auto; its threshold is the cut-off chosen for them)",
+    )
     validated_gain: dict[str, Any] | None = None
     """Checked by :func:`geoprn.gain.recorded_gain` when a refiner is chosen."""
 
@@ -105,6 +110,12 @@ def reads_image(header: dict[str, Any]) -> bool:
     if header.get("kind") == "bpr":
         return True
     return header.get("kind") == "prn" and header.get("arguments", {}).get("in_channels", 1) > 1
+
+
+def recorded_symmetries(header: dict[str, Any]) -> int:
+    """The window symmetries a base model's checkpoint says to average its probabilities
+    over (:class:`geoprn.models.predictor.SymmetryMean`), else 1."""
+    return int(header.get("symmetries") or 1)
 
 
 def recorded_cut_off(header: dict[str, Any]) -> float:

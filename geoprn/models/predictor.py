@@ -54,3 +54,46 @@ def fold_batchnorm(module: nn.Module) -> int:
                 module._modules[second] = nn.Identity()
                 folded += 1
     return folded
+
+
+SYMMETRIES = (1, 4, 8)
+"""How many symmetries of a window a base model's probabilities can be averaged over: none,
+the flips (which keep any rectangle's shape), or all 8 of the square (flips and quarter
+turns)."""
+
+
+def _symmetry(x: torch.Tensor, k: int) -> torch.Tensor:
+    """``x`` (..., H, W) under symmetry ``k`` of the square: the identity, the two flips,
+    the half turn, the two quarter turns, the transpose and the anti-transpose."""
+    if k < 4:
+        dims = ((), (-1,), (-2,), (-2, -1))[k]
+        return x.flip(dims) if dims else x
+    if k < 6:
+        return torch.rot90(x, 1 if k == 4 else -1, (-2, -1))
+    x = x.transpose(-2, -1)
+    return x if k == 6 else x.flip((-2, -1))
+
+
+def _inverse(k: int) -> int:
+    """The symmetry that undoes ``k`` (the quarter turns undo each other; the rest undo
+    themselves)."""
+    return {4: 5, 5: 4}.get(k, k)
+
+
+class SymmetryMean(nn.Module):
+    """A model's probabilities averaged over ``n`` symmetries of each window, each mapped back
+    (test-time averaging; ``benchmarks/prn_accuracy.py --symmetries``): ``n`` forward passes,
+    one at a time, so memory stays that of one. The quarter turns need square windows."""
+
+    def __init__(self, model: nn.Module, n: int):
+        super().__init__()
+        if n not in SYMMETRIES:
+            raise ValueError(f"symmetries must be one of {SYMMETRIES}, not {n}")
+        self.model, self.n = model, n
+        self.geoprn_meta = model.geoprn_meta
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        total = self.model(x).float()
+        for k in range(1, self.n):
+            total += _symmetry(self.model(_symmetry(x, k)), _inverse(k)).float()
+        return total / self.n

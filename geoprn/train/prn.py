@@ -32,7 +32,7 @@ from geoprn.models.checkpoint import (
     rewrite_header,
 )
 from geoprn.models.header import reads_image
-from geoprn.models.predictor import Predictor
+from geoprn.models.predictor import Predictor, SymmetryMean
 from geoprn.models.prn import PatchRefineNet
 from geoprn.pseudo_labels import THRESHOLDS, patch_optimal_labels
 from geoprn.train.loop import Progress, Run, check_init, choose_split, fit, open_state, split_record
@@ -56,6 +56,7 @@ def base_probabilities(
     batch_size: int = 8,
     device: torch.device | str = "cpu",
     precision: str = "auto",
+    symmetries: int = 1,
 ) -> list[np.ndarray]:
     """The base model's road probabilities on each tile, computed once and cached in Zarr.
 
@@ -63,7 +64,8 @@ def base_probabilities(
     (overlapping 512 windows, blended). With ``probs_dir``, the probabilities of any other
     model are read from ``<probs_dir>/<tile stem>.<ext>`` (float in [0, 1] or uint8 0-255).
     The cache remembers its source: a different base checkpoint (or precision, see
-    :func:`geoprn.inference.autocast_dtype`) starts it afresh.
+    :func:`geoprn.inference.autocast_dtype`, or ``symmetries``, as ``refine --symmetries``)
+    starts it afresh.
 
     Returns:
         One (H, W) float32 array per tile.
@@ -76,8 +78,9 @@ def base_probabilities(
     if base is not None:  # checked before the cache is touched: a wrong file wipes nothing
         read_header(base, "base")
         sha = file_sha256(base)
-        source = sha + _dtype_tag(device, precision)
+        source = sha + _dtype_tag(device, precision) + (f"_s{symmetries}" * (symmetries > 1))
         model = load_cached(str(Path(base).resolve()), sha, str(device))  # as refine runs it
+        model = model if symmetries == 1 else SymmetryMean(model, symmetries)
     else:
         source = str(Path(probs_dir).resolve())
     group = zarr.open_group(str(cache), mode="a")
@@ -236,6 +239,7 @@ def train_prn(
     half: bool = False,
     progress: Progress | None = None,
     init: str | Path | None = None,
+    symmetries: int = 1,
 ) -> dict[str, Any]:
     """Train a PatchRefineNet for a base model, as the paper does (DESIGN.md).
 
@@ -250,6 +254,8 @@ def train_prn(
         probs_dir: instead of ``base``, a folder of probability rasters named like the tiles.
         init: a PRN checkpoint of the config's network to start from (fine-tuning, e.g. the
             shipped PRN on your own labels) instead of random weights.
+        symmetries: learn from the base model's map averaged over this many window
+            symmetries, as ``refine --symmetries`` makes it (recorded in the header).
 
     Returns:
         The summary of :func:`train_base`, plus ``base_val_road_iou``: the base at 0.5 on
@@ -259,6 +265,8 @@ def train_prn(
     out_path = Path(out_path)
     if (base is None) == (probs_dir is None):
         raise InputError("give either a base checkpoint (--base) or probabilities (--probs)")
+    if base is None and symmetries != 1:
+        raise InputError("--symmetries averages a base model's passes: --probs has none")
     base_meta = read_header(base, "base") if base is not None else {}
     if init is not None:
         check_init(init, config)
@@ -270,8 +278,9 @@ def train_prn(
         train_pairs + val_pairs, bands, base_meta.get("nodata"), float(config["road_width"])
     )
     probs = base_probabilities(
-        loaded, cache_path(out_path), base, probs_dir, int(config["val_batch"]), device_
-    )
+        loaded, cache_path(out_path), base, probs_dir, int(config["val_batch"]), device_,
+        symmetries=symmetries,
+    )  # fmt: skip
     for tile, p in zip(loaded, probs, strict=True):  # NaN (refine's nodata) is nodata here too
         finite = np.isfinite(p)
         if not finite.all():
@@ -311,6 +320,7 @@ def train_prn(
         "output": "probability",
         "base": (
             {"sha256": file_sha256(base), "file": Path(base).name}
+            | ({"symmetries": symmetries} if symmetries != 1 else {})
             if base is not None
             else {"probs": str(probs_dir)}
         ),

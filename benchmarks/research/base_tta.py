@@ -1,0 +1,105 @@
+"""The base model's probabilities under the 8 symmetries of the square (flips and quarter
+turns), each mapped back and cached per place, for the mask-rule study (``mask_rules.py``).
+
+Each transform is predicted as ``refine`` predicts a scene (overlapping 512 windows,
+blended), on the ``val`` and ``test`` places of each set, and stored as float16 in a Zarr
+group (``--cache``; a different base starts it afresh).
+
+    python benchmarks/research/base_tta.py --cache /work/runs/tta.zarr
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/
+from prn_accuracy import SETS, split_tiles  # noqa: E402
+
+from geoprn.data import load_tiles  # noqa: E402
+from geoprn.inference import predict_array, resolve_device  # noqa: E402
+from geoprn.models.checkpoint import DEFAULT_BASE, file_sha256, load_cached, read_header  # noqa: E402
+
+SYMMETRIES = ("id", "flip_x", "flip_y", "rot180", "rot90", "rot270", "transpose", "antitranspose")
+"""The dihedral group D4, the first four of which keep a rectangle's shape."""
+
+
+def forward(a: np.ndarray, name: str) -> np.ndarray:
+    """``a`` (..., H, W) under symmetry ``name``."""
+    ops = {
+        "id": lambda x: x,
+        "flip_x": lambda x: x[..., :, ::-1],
+        "flip_y": lambda x: x[..., ::-1, :],
+        "rot180": lambda x: x[..., ::-1, ::-1],
+        "rot90": lambda x: np.rot90(x, 1, axes=(-2, -1)),
+        "rot270": lambda x: np.rot90(x, -1, axes=(-2, -1)),
+        "transpose": lambda x: np.swapaxes(x, -2, -1),
+        "antitranspose": lambda x: np.swapaxes(x, -2, -1)[..., ::-1, ::-1],
+    }
+    return np.ascontiguousarray(ops[name](a))
+
+
+INVERSE = {"rot90": "rot270", "rot270": "rot90"}
+
+
+def backward(a: np.ndarray, name: str) -> np.ndarray:
+    """Undo :func:`forward`."""
+    return forward(a, INVERSE.get(name, name))
+
+
+def tta_probabilities(group, base: str, tiles, device, batch_size: int) -> list[np.ndarray]:
+    """Per tile, an (8, H, W) float16 stack of the base model's probabilities under each
+    symmetry, mapped back; computed once per tile and cached in ``group``."""
+    model = None
+    out = []
+    for tile in tiles:
+        key = f"tta/{tile.name}"
+        if key not in group:
+            model = model or load_cached(str(Path(base).resolve()), file_sha256(base), str(device))
+            stack = np.stack([
+                backward(predict_array(model, forward(tile.image, s), batch_size=batch_size,
+                                       device=device), s)
+                for s in SYMMETRIES
+            ]).astype(np.float16)  # fmt: skip
+            group.create_array(key, data=stack, chunks=(8, 512, 512))
+        out.append(np.asarray(group[key][...]))
+    return out
+
+
+def open_cache(path: str, base: str):
+    import zarr
+
+    group = zarr.open_group(path, mode="a")
+    if group.attrs.get("source") != file_sha256(base):
+        group = zarr.open_group(path, mode="w")
+        group.attrs["source"] = file_sha256(base)
+    return group
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--base", default=str(DEFAULT_BASE))
+    parser.add_argument("--cache", required=True)
+    parser.add_argument("--sets", default=",".join(SETS))
+    parser.add_argument("--splits", default="test,val")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--batch-size", type=int, default=4)
+    args = parser.parse_args()
+    device = resolve_device(args.device)
+    header = read_header(args.base, "base")
+    group = open_cache(args.cache, args.base)
+    for split in args.splits.split(","):
+        for dataset in args.sets.split(","):
+            started = time.perf_counter()
+            tiles = load_tiles(split_tiles(dataset, split), header["bands"], header.get("nodata"))
+            tta_probabilities(group, args.base, tiles, device, args.batch_size)
+            print(f"{dataset} {split}: {len(tiles)} places, "
+                  f"{time.perf_counter() - started:.0f} s", flush=True)  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
