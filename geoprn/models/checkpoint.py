@@ -29,10 +29,12 @@ DEFAULT_BASE = WEIGHTS_DIR / "base_all_sets_3.safetensors"
 DEFAULT_PRN = WEIGHTS_DIR / "prn_rgb_all3.safetensors"
 DEFAULT_BPR = WEIGHTS_DIR / "bpr_all3.safetensors"
 """The shipped weights used when no checkpoint is given (geoprn/weights/README.md): the base
-model trained on every labelled set and the PRN trained for it, which reads the image too;
-they replaced the Massachusetts-only ``base_default`` and ``prn_default`` on 2026-12-03
-(``benchmarks/default_pair.py``). BPR, trained for that pair on 2026-12-04, runs by default
-only if its recorded gain qualifies (:func:`geoprn.gain.qualifies`)."""
+model trained on every labelled set (its checkpoint records that it runs averaged over 8
+window symmetries, and its cut-off), and the PRN and BPR trained for its one-pass map. They
+replaced the Massachusetts-only ``base_default`` and ``prn_default`` on 2026-12-03
+(``benchmarks/default_pair.py``). A refiner runs by default only if its recorded gain
+qualifies (:func:`geoprn.gain.qualifies`); since 2026-12-04 neither does for the averaged
+map."""
 
 
 def build_network(meta: dict[str, Any]) -> torch.nn.Module:
