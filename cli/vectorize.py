@@ -67,9 +67,10 @@ def vector_options(command: Callable) -> Callable:
 )
 @click.option(
     "--variable",
-    default="refined",
+    default="auto",
     show_default=True,
-    help="Variable of a refine Zarr store to read (refined or base).",
+    help="Variable of a refine Zarr store to read: refined, base, or auto: the one its mask "
+    "came from (refined where a refiner ran).",
 )
 @click.option(
     "--block-size",

@@ -29,7 +29,7 @@ import hashlib
 import json
 import os
 import shutil
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -435,9 +435,16 @@ def run_inputs(zarr_path: Path) -> dict[str, Any]:
     return inputs if isinstance(inputs, dict) else {}
 
 
+def mask_variable(variables: Iterable[str]) -> str:
+    """The variable a ``refine`` store's mask came from, of the ones it holds: ``refined``
+    where a refiner ran, else ``base``."""
+    return "refined" if "refined" in variables else "base"
+
+
 def mask_cut_offs(zarr_path: Path, inputs: dict[str, Any]) -> dict[str, float]:
-    """The cut-off of the variable a ``refine`` store's mask came from (``refined``, else
-    ``base``), as its run's ``inputs`` (:func:`run_inputs`) record it; {} without one.
+    """The cut-off of the variable a ``refine`` store's mask came from
+    (:func:`mask_variable`), as its run's ``inputs`` (:func:`run_inputs`) record it; {}
+    without one.
 
     Raises:
         InputError: the recorded cut-off is no number in [0, 1).
@@ -452,5 +459,4 @@ def mask_cut_offs(zarr_path: Path, inputs: dict[str, Any]) -> dict[str, float]:
             f"the run record beside {zarr_path}: its threshold, {recorded!r}, is no cut-off "
             "in [0, 1)"
         ) from None
-    variables = zarr.open_group(str(zarr_path), mode="r")
-    return {"refined" if "refined" in variables else "base": cut}
+    return {mask_variable(zarr.open_group(str(zarr_path), mode="r")): cut}

@@ -123,20 +123,17 @@ class RoadSource:
     threshold: float
 
     @classmethod
-    def open(cls, path: str | Path, variable: str = "refined", threshold: float | None = None):
-        """Open and check a source; raises InputError when it cannot be one. ``threshold``
-        None: for the variable a ``refine`` store's mask came from, the cut-off its run
-        recorded (:func:`geoprn.store.mask_cut_offs`), else 0.5."""
+    def open(cls, path: str | Path, variable: str = "auto", threshold: float | None = None):
+        """Open and check a source; raises InputError when it cannot be one. ``variable``
+        ``auto``: of a ``refine`` store, the one its mask came from
+        (:func:`geoprn.store.mask_variable`). ``threshold`` None: for that variable, the
+        cut-off its run recorded (:func:`geoprn.store.mask_cut_offs`), else 0.5."""
         if threshold is not None:
             raster.check_threshold(threshold)
         path = Path(path)
         if not path.exists():
             raise InputError(f"file not found: {path}")
         if path.suffix == ".zarr" or (path / ".zgroup").exists() or (path / "zarr.json").exists():
-            if threshold is None:
-                from geoprn.store import mask_cut_offs, run_inputs
-
-                threshold = mask_cut_offs(path, run_inputs(path)).get(variable, 0.5)
             return cls._open_zarr(path, variable, threshold)
         threshold = 0.5 if threshold is None else threshold
         if path.is_dir():
@@ -162,14 +159,19 @@ class RoadSource:
             raise InputError(f"{path} is not a raster GDAL can read ({exc})") from None
 
     @classmethod
-    def _open_zarr(cls, path: Path, variable: str, threshold: float) -> RoadSource:
+    def _open_zarr(cls, path: Path, variable: str, threshold: float | None) -> RoadSource:
         import rioxarray  # noqa: F401  (registers the .rio accessor)
         import xarray as xr
+
+        from geoprn.store import mask_cut_offs, mask_variable, run_inputs
 
         try:
             ds = xr.open_zarr(path, decode_coords="all")
         except (OSError, ValueError, KeyError) as exc:
             raise InputError(f"{path} is not a Zarr store geoprn can read ({exc})") from None
+        variable = mask_variable(ds) if variable == "auto" else variable
+        if threshold is None:
+            threshold = mask_cut_offs(path, run_inputs(path)).get(variable, 0.5)
         if variable not in ds:
             raise InputError(f"{path} has no variable {variable!r} (it has {', '.join(ds)})")
         array = ds[variable]
@@ -220,7 +222,7 @@ def _padded(array, rows: Range, cols: Range) -> np.ndarray:
 def extract_roads(
     source: str | Path,
     threshold: float | None = None,
-    variable: str = "refined",
+    variable: str = "auto",
     simplify_m: float = 1.0,
     min_length_m: float = 10.0,
     block_size: int = 2048,
@@ -233,7 +235,8 @@ def extract_roads(
         source: a mask GeoTIFF, a probability raster, or a ``refine`` Zarr store.
         threshold: road above this probability (probability sources only); None: as
             :meth:`RoadSource.open` says.
-        variable: which Zarr variable to read (``refined`` or ``base``).
+        variable: which Zarr variable to read (``refined`` or ``base``; ``auto``: the one a
+            ``refine`` store's mask came from).
         simplify_m: Douglas-Peucker tolerance in metres.
         min_length_m: spurs and isolated lines shorter than this are dropped.
         block_size: pixels per block side; the result does not depend on it.

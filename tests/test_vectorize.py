@@ -238,11 +238,13 @@ def test_refine_writes_road_vectors_from_its_store(tmp_path):
     assert info["features"] > 0 and left <= x0 < x1 <= right and bottom <= y0 < y1 <= top
     _, _, _, (_, _, probability) = pyogrio.raw.read(path)
     assert (probability > 0.3).all() and (probability <= 1).all()
-    same = extract_roads(outdir / "paris_img1447.zarr", variable="base")
+    same = extract_roads(outdir / "paris_img1447.zarr")  # its mask's variable: base here
     assert same.road_id == list(pyogrio.raw.read(path)[3][0])
     again = tmp_path / "again.gpkg"
-    assert invoke("vectorize", outdir / "paris_img1447.zarr", "--variable", "base",
-                  "-o", again).exit_code == 0  # fmt: skip
+    assert invoke("vectorize", outdir / "paris_img1447.zarr", "-o", again).exit_code == 0
     assert list(pyogrio.raw.read(again)[3][0]) == same.road_id
+    asked = invoke("vectorize", outdir / "paris_img1447.zarr", "--variable", "refined",
+                   "-o", tmp_path / "refined.gpkg")  # fmt: skip
+    assert asked.exit_code == 1 and "has no variable 'refined' (it has base)" in asked.stderr
     at_half = extract_roads(outdir / "paris_img1447.zarr", variable="base", threshold=0.5)
     assert at_half.road_id != same.road_id
