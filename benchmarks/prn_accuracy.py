@@ -182,34 +182,28 @@ class SetScores:
     def __init__(self, args, dataset: str, prns: list[str], rules: list[str], folder: Path):
         ns = argparse.Namespace(**{**vars(args), "dataset": dataset})
         val, val_probs = labelled_probabilities(ns, ["val"])
-        self.tau = max(
-            TUNED,
-            key=lambda t: scores([p > t for p in val_probs], val)["road IoU"],
-        )
         test, probs = labelled_probabilities(ns, [args.split])
         self.places, self.test = len(test), test
         names = [t.name for t in test]
         self.bpr_seconds: list[tuple[str, float, int, float]] = []
         self.refined: dict[str, list[np.ndarray]] = {}  # row -> test maps (thresholds later)
         self.held_out: dict[str, np.ndarray] = {}  # row -> (thresholds, 3) counts on val
-        rows = {}
-        if args.symmetries > 1:  # the rows of the base model in one pass come first
+        one_val, one_test = val_probs, probs  # the base model in one pass: the first rows
+        if args.symmetries > 1:
             one = argparse.Namespace(**{**vars(ns), "symmetries": 1})
-            _, val_one = labelled_probabilities(one, ["val"])
-            tau_one = max(TUNED, key=lambda t: scores([p > t for p in val_one], val)["road IoU"])
-            _, test_one = labelled_probabilities(one, [args.split])
-            rows["base @ 0.5"] = per_place([p > 0.5 for p in test_one], test)
-            rows["base @ tuned global threshold"] = per_place([p > tau_one for p in test_one], test)
+            one_val, one_test = (labelled_probabilities(one, [s])[1] for s in ("val", args.split))
+        self.tau = max(TUNED, key=lambda t: scores([p > t for p in one_val], val)["road IoU"])
+        rows = {
+            "base @ 0.5": per_place([p > 0.5 for p in one_test], test),
+            "base @ tuned global threshold": per_place([p > self.tau for p in one_test], test),
+        }
+        if args.symmetries > 1:  # the averaged map, its cut-off tuned on every val place
             averaged = f"base, {args.symmetries} symmetries"
             rows[averaged] = per_place([p > 0.5 for p in probs], test)
-            self.refined[averaged] = probs  # its cut-off is tuned on every val place
+            self.refined[averaged] = probs
             self.held_out[averaged] = np.stack([
                 per_place([p > t for p in val_probs], val)[0].sum(0) for t in TUNED
             ])  # fmt: skip
-            self.tau = tau_one
-        else:
-            rows["base @ 0.5"] = per_place([p > 0.5 for p in probs], test)
-            rows["base @ tuned global threshold"] = per_place([p > self.tau for p in probs], test)
         for prn in prns:
             tag = "PRN" if len(prns) == 1 else f"PRN {Path(prn).stem}"
             held = set((read_header(prn, "prn").get("trained_on") or {}).get("val_tiles", []))

@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/
 from prn_accuracy import SETS, split_tiles  # noqa: E402
@@ -23,32 +24,21 @@ from prn_accuracy import SETS, split_tiles  # noqa: E402
 from geoprn.data import load_tiles  # noqa: E402
 from geoprn.inference import predict_array, resolve_device  # noqa: E402
 from geoprn.models.checkpoint import DEFAULT_BASE, file_sha256, load_cached, read_header  # noqa: E402
+from geoprn.models.predictor import inverse, symmetry  # noqa: E402
 
 SYMMETRIES = ("id", "flip_x", "flip_y", "rot180", "rot90", "rot270", "transpose", "antitranspose")
-"""The dihedral group D4, the first four of which keep a rectangle's shape."""
+"""The dihedral group D4 in ``geoprn.models.predictor.symmetry``'s order: the first four
+keep a rectangle's shape."""
 
 
-def forward(a: np.ndarray, name: str) -> np.ndarray:
-    """``a`` (..., H, W) under symmetry ``name``."""
-    ops = {
-        "id": lambda x: x,
-        "flip_x": lambda x: x[..., :, ::-1],
-        "flip_y": lambda x: x[..., ::-1, :],
-        "rot180": lambda x: x[..., ::-1, ::-1],
-        "rot90": lambda x: np.rot90(x, 1, axes=(-2, -1)),
-        "rot270": lambda x: np.rot90(x, -1, axes=(-2, -1)),
-        "transpose": lambda x: np.swapaxes(x, -2, -1),
-        "antitranspose": lambda x: np.swapaxes(x, -2, -1)[..., ::-1, ::-1],
-    }
-    return np.ascontiguousarray(ops[name](a))
+def forward(a: np.ndarray, k: int) -> np.ndarray:
+    """``a`` (..., H, W) under symmetry ``k``, as ``refine --symmetries`` turns a window."""
+    return np.ascontiguousarray(symmetry(torch.from_numpy(np.ascontiguousarray(a)), k).numpy())
 
 
-INVERSE = {"rot90": "rot270", "rot270": "rot90"}
-
-
-def backward(a: np.ndarray, name: str) -> np.ndarray:
+def backward(a: np.ndarray, k: int) -> np.ndarray:
     """Undo :func:`forward`."""
-    return forward(a, INVERSE.get(name, name))
+    return forward(a, inverse(k))
 
 
 def tta_probabilities(group, base: str, tiles, device, batch_size: int) -> list[np.ndarray]:
@@ -61,9 +51,9 @@ def tta_probabilities(group, base: str, tiles, device, batch_size: int) -> list[
         if key not in group:
             model = model or load_cached(str(Path(base).resolve()), file_sha256(base), str(device))
             stack = np.stack([
-                backward(predict_array(model, forward(tile.image, s), batch_size=batch_size,
-                                       device=device), s)
-                for s in SYMMETRIES
+                backward(predict_array(model, forward(tile.image, k), batch_size=batch_size,
+                                       device=device), k)
+                for k in range(len(SYMMETRIES))
             ]).astype(np.float16)  # fmt: skip
             group.create_array(key, data=stack, chunks=(8, 512, 512))
         out.append(np.asarray(group[key][...]))

@@ -21,8 +21,8 @@ import time
 from pathlib import Path
 
 import numpy as np
-from scipy import ndimage
 from skimage.filters import apply_hysteresis_threshold
+from skimage.morphology import remove_small_objects
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/
 from base_tta import open_cache, tta_probabilities  # noqa: E402
@@ -39,13 +39,13 @@ from geoprn.inference import predict_array, resolve_device  # noqa: E402
 from geoprn.models.checkpoint import DEFAULT_PRN, file_sha256, load_cached, read_header  # noqa: E402
 from geoprn.models.header import reads_image  # noqa: E402
 from geoprn.pseudo_labels import THRESHOLDS  # noqa: E402
-from geoprn.train.prn import prn_input  # noqa: E402
+from geoprn.train.prn import pooled_road_iou, prn_input  # noqa: E402
 
 TAUS = [round(float(t), 2) for t in THRESHOLDS]
 LOWS = [0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4]
 HIGHS = [0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9]
-BLOBS = [0, 25, 50, 100, 200, 400, 800]
-"""Largest blob dropped (pixels; 0 keeps all)."""
+BLOBS = [25, 50, 100, 200, 400, 800]
+"""Largest blob dropped (pixels, 8-connected)."""
 
 
 def threshold(p: np.ndarray, t: float) -> np.ndarray:
@@ -57,36 +57,20 @@ def hysteresis(p: np.ndarray, low: float, high: float) -> np.ndarray:
 
 
 def without_blobs(p: np.ndarray, t: float, size: int) -> np.ndarray:
-    mask = p > t
-    if size == 0:
-        return mask
-    labels, n = ndimage.label(mask, structure=np.ones((3, 3)))
-    areas = np.bincount(labels.ravel(), minlength=n + 1)
-    keep = areas > size
-    keep[0] = False
-    return keep[labels]
+    return remove_small_objects(p > t, max_size=size, connectivity=2)
 
 
 RULES = {
     "threshold": (threshold, [(t,) for t in TAUS]),
     "hysteresis": (hysteresis, [(lo, hi) for lo, hi in itertools.product(LOWS, HIGHS) if lo < hi]),
-    "threshold without blobs": (without_blobs, [(t, s) for t in TAUS for s in BLOBS[1:]]),
+    "threshold without blobs": (without_blobs, [(t, s) for t in TAUS for s in BLOBS]),
 }
-
-
-def road_iou(masks, tiles) -> float:
-    tp = fp_fn = 0
-    for mask, tile in zip(masks, tiles, strict=True):
-        truth, valid = tile.label > 0, tile.valid
-        tp += int(np.count_nonzero(mask & truth & valid))
-        fp_fn += int(np.count_nonzero((mask ^ truth) & valid))
-    return tp / max(tp + fp_fn, 1)
 
 
 def best(rule: str, maps, tiles) -> tuple:
     """The parameters of ``rule`` best in pooled road IoU on ``tiles``."""
     fn, grid = RULES[rule]
-    return max(grid, key=lambda params: road_iou([fn(m, *params) for m in maps], tiles))
+    return max(grid, key=lambda params: pooled_road_iou([fn(m, *params) for m in maps], tiles))
 
 
 def prn_maps(prn: str, base_maps, tiles, device, batch_size) -> list[np.ndarray]:
@@ -150,7 +134,7 @@ def main() -> None:
             params = best(rule, maps, tiles)
             fn = RULES[rule][0]
             label = f"{source}: {rule} {', '.join(str(p) for p in params)}"
-            tuned = road_iou([fn(m, *params) for m in maps], tiles)
+            tuned = pooled_road_iou([fn(m, *params) for m in maps], tiles)
             print(f"{label}: tuned on {len(tiles)} val places ({100 * tuned:.2f})", flush=True)
             for d, (tmaps, ttiles) in test[source].items():
                 rows[d][label] = per_place([fn(m, *params) for m in tmaps], ttiles)

@@ -62,7 +62,7 @@ the flips (which keep any rectangle's shape), or all 8 of the square (flips and 
 turns)."""
 
 
-def _symmetry(x: torch.Tensor, k: int) -> torch.Tensor:
+def symmetry(x: torch.Tensor, k: int) -> torch.Tensor:
     """``x`` (..., H, W) under symmetry ``k`` of the square: the identity, the two flips,
     the half turn, the two quarter turns, the transpose and the anti-transpose."""
     if k < 4:
@@ -74,7 +74,7 @@ def _symmetry(x: torch.Tensor, k: int) -> torch.Tensor:
     return x if k == 6 else x.flip((-2, -1))
 
 
-def _inverse(k: int) -> int:
+def inverse(k: int) -> int:
     """The symmetry that undoes ``k`` (the quarter turns undo each other; the rest undo
     themselves)."""
     return {4: 5, 5: 4}.get(k, k)
@@ -95,5 +95,5 @@ class SymmetryMean(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         total = self.model(x).float()
         for k in range(1, self.n):
-            total += _symmetry(self.model(_symmetry(x, k)), _inverse(k)).float()
+            total += symmetry(self.model(symmetry(x, k)), inverse(k)).float()
         return total / self.n
