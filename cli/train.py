@@ -68,6 +68,12 @@ def _common_options(default_config: str, default_val_fraction: float) -> Callabl
         ),
         click.option("--lr", type=float, help="Override the config's learning rate."),
         click.option(
+            "--ema-decay",
+            type=float,
+            help="Validate and keep the moving average of the weights with this decay per "
+            "step, e.g. 0.998 (default: the config's, 0: off).",
+        ),
+        click.option(
             "--road-width",
             callback=_road_width,
             help="Width in metres of roads burnt from centreline vectors, e.g. 4m "
@@ -144,7 +150,15 @@ INIT_OPTION = click.option(
     "validated first and kept unless an epoch beats them.",
 )
 
-OVERRIDES = ("epochs", "steps_per_epoch", "batch_size", "crop", "road_width", "micro_batch")
+OVERRIDES = (
+    "epochs",
+    "steps_per_epoch",
+    "batch_size",
+    "crop",
+    "road_width",
+    "micro_batch",
+    "ema_decay",
+)
 """Options that override a config setting of the same name."""
 
 

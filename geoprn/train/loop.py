@@ -33,6 +33,7 @@ from geoprn.models.checkpoint import (
 )
 from geoprn.models.predictor import Predictor
 from geoprn.models.prn import PatchRefineNet
+from geoprn.train.average import MovingAverage
 from geoprn.train.memory import micro_batch_size
 from geoprn.train.recipes import MODEL_KEYS
 from geoprn.train.state import read_state, restore, write_state
@@ -246,7 +247,9 @@ def fit(
     progress: Progress | None,
 ) -> dict[str, Any]:
     """The training loop both models share: Adam, ReduceLROnPlateau on the validation road
-    IoU, early stopping, AMP on CUDA, a resumable state file, a CSV history and a time cap."""
+    IoU, early stopping, AMP on CUDA, a resumable state file, a CSV history and a time cap.
+    With ``ema_decay`` in the recipe the moving average of the weights is validated and kept
+    (:mod:`geoprn.train.average`)."""
     notify = progress or (lambda event, info: None)
     state_file = state_path(out_path)
     model = run.model.to(device, memory_format=torch.channels_last)
@@ -259,11 +262,15 @@ def fit(
         min_lr=float(config["min_lr"]),
     )
     autocast, scaler = mixed_precision(device)
+    decay = float(config.get("ema_decay", 0.0))
+    average = MovingAverage(model.net, decay) if decay > 0 else None
     epoch, steps, best_iou, best_epoch, bad_epochs = 0, 0, -1.0, 0, 0
     history: list[dict[str, Any]] = []
     seconds_before = 0.0
     if state is not None:
         restore(state_file, state, model.net, optimizer, scheduler, scaler)
+        if average is not None:
+            average.restore(state.get("average"), state_file)
         epoch, steps = int(state["epoch"]), int(state["steps"])
         best_iou, best_epoch = float(state["best_iou"]), int(state["best_epoch"])
         bad_epochs, history = int(state["bad_epochs"]), list(state["history"])
@@ -333,17 +340,20 @@ def fit(
                 scaler.update()
             else:
                 optimizer.step()
+            if average is not None:
+                average.update(model.net)
             losses.append(float(loss))
             notify("step", {"epoch": epoch + 1, "step": step + 1, "loss": losses[-1]})
         epoch += 1
         model.eval()
-        iou = run.validate(model, autocast)
+        with average.swapped_into(model.net) if average is not None else nullcontext():
+            iou = run.validate(model, autocast)  # the average's, where one is kept
+            if iou > best_iou:
+                best_iou, best_epoch, bad_epochs = iou, epoch, 0
+                save_best()
+            else:
+                bad_epochs += 1
         scheduler.step(iou)
-        if iou > best_iou:
-            best_iou, best_epoch, bad_epochs = iou, epoch, 0
-            save_best()
-        else:
-            bad_epochs += 1
         last_epoch_seconds = time.monotonic() - epoch_start
         minutes = (time.monotonic() - started) / 60
         record = {
@@ -380,6 +390,7 @@ def fit(
                 "history": history,
                 "split": run.split,
                 **run.extra_state,
+                **({"average": average.state()} if average is not None else {}),
                 "config": dict(config),
                 "seconds": seconds_before + time.monotonic() - started,
             },
