@@ -188,6 +188,7 @@ class SetScores:
         self.bpr_seconds: list[tuple[str, float, int, float]] = []
         self.refined: dict[str, list[np.ndarray]] = {}  # row -> test maps (thresholds later)
         self.held_out: dict[str, np.ndarray] = {}  # row -> (thresholds, 3) counts on val
+        self.held_out_places: dict[str, int] = {}  # row -> how many val places those are
         one_val, one_test = val_probs, probs  # the base model in one pass: the first rows
         if args.symmetries > 1:
             one = argparse.Namespace(**{**vars(ns), "symmetries": 1})
@@ -204,6 +205,7 @@ class SetScores:
             self.held_out[averaged] = np.stack([
                 per_place([p > t for p in val_probs], val)[0].sum(0) for t in TUNED
             ])  # fmt: skip
+            self.held_out_places[averaged] = len(val)
         for prn in prns:
             tag = "PRN" if len(prns) == 1 else f"PRN {Path(prn).stem}"
             held = set((read_header(prn, "prn").get("trained_on") or {}).get("val_tiles", []))
@@ -226,6 +228,7 @@ class SetScores:
                     per_place([r > t for r in on_val], [val[i] for i in kept])[0].sum(0)
                     for t in TUNED
                 ]) if kept else np.zeros((len(TUNED), 3))  # fmt: skip
+                self.held_out_places[row] = len(kept)
         if args.bpr != "none":
             bpr, prn = (load_cached(str(Path(p).resolve()), file_sha256(p), str(args.device))
                         for p in (args.bpr, prns[0]))  # fmt: skip
@@ -257,19 +260,22 @@ TUNED = [float(t) for t in THRESHOLDS]
 """The thresholds a PRN's cut-off is tuned over, as the base model's."""
 
 
-def tune_refiners(sets: dict[str, SetScores]) -> dict[str, float]:
+def tune_refiners(sets: dict[str, SetScores]) -> dict[str, tuple[float, float, int]]:
     """Each PRN row's one threshold, best on the val places held out of its training (the
-    validation share ``trained_on.val_tiles`` records), pooled over every set scored; the
-    row binarised at it is added to each set. PRNs recording no held-out places get none."""
+    validation share ``trained_on.val_tiles`` records), pooled over every set scored, with
+    the pooled road IoU it reaches there and on how many places; the row binarised at it is
+    added to each set. PRNs recording no held-out places get none."""
     chosen = {}
     for row in next(iter(sets.values())).held_out:
         counts = sum(s.held_out[row] for s in sets.values())
         if counts.sum() == 0:
             continue
         iou = counts[:, 0] / np.maximum(counts.sum(1), 1)
-        chosen[row] = TUNED[int(np.argmax(iou))]
+        best = int(np.argmax(iou))
+        places = sum(s.held_out_places[row] for s in sets.values())
+        chosen[row] = (TUNED[best], float(iou[best]), places)
         for s in sets.values():
-            s.add_tuned(row, chosen[row])
+            s.add_tuned(row, TUNED[best])
     return chosen
 
 
@@ -354,7 +360,8 @@ def main() -> None:
         sets = {
             name: SetScores(args, name, prns, rules, Path(folder)) for name in args.sets.split(",")
         }
-        tuned = tune_refiners(sets)
+        tuned_on_val = tune_refiners(sets)
+        tuned = {row: tau for row, (tau, _, _) in tuned_on_val.items()}
     print(
         f"{args.split} places: "
         + ", ".join(f"{name} {s.places}" for name, s in sets.items())
@@ -363,8 +370,11 @@ def main() -> None:
         f"{autocast_dtype(args.device, args.precision) or 'fp32'}; "
         f"{time.perf_counter() - started:.0f} s"
     )
-    for row, tau in tuned.items():
-        print(f"{row}: threshold {tau:.2f}, best on the val places held out of its training")
+    for row, (tau, iou, places) in tuned_on_val.items():
+        print(
+            f"{row}: threshold {tau:.2f}, best on the {places} val places held out of its "
+            f"training (road IoU {100 * iou:.2f} there)"
+        )
     for name, s in sets.items():
         print_table(f"**{name}** ({s.places} places; tuned threshold {s.tau:.2f})", s.rows)
     if all(name in sets for name in POOLED):
