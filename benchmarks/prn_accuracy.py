@@ -279,12 +279,28 @@ def tune_refiners(sets: dict[str, SetScores]) -> dict[str, tuple[float, float, i
     return chosen
 
 
+def join_rows(tables: list[dict[str, tuple]]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """The rows of several sets' tables (same row names) over all their places."""
+    return {
+        row: tuple(np.concatenate([t[row][i] for t in tables]) for i in range(2))
+        for row in tables[0]
+    }
+
+
 def concat(sets: list[SetScores]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """The rows of several sets over all their places."""
-    return {
-        row: tuple(np.concatenate([s.rows[row][i] for s in sets]) for i in range(2))
-        for row in sets[0].rows
-    }
+    return join_rows([s.rows for s in sets])
+
+
+def print_sets(rows: dict[str, dict[str, tuple]]) -> None:
+    """Each set's table (``rows``: set -> row -> per-place counts), then the Massachusetts
+    sets pooled and all sets pooled."""
+    for name, table in rows.items():
+        print_table(f"**{name}**", table)
+    if all(name in rows for name in POOLED):
+        print_table(f"**{' + '.join(POOLED)}**", join_rows([rows[n] for n in POOLED]))
+    if len(rows) > 1:
+        print_table(f"**all {len(rows)} sets**", join_rows(list(rows.values())))
 
 
 def print_table(title: str, rows: dict[str, tuple[np.ndarray, np.ndarray]]) -> None:

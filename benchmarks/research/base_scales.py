@@ -27,12 +27,11 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/
 from base_tta import open_cache  # noqa: E402
 from prn_accuracy import (  # noqa: E402
-    POOLED,
     SETS,
     add_probability_options,
     labelled_probabilities,
     per_place,
-    print_table,
+    print_sets,
 )
 
 from geoprn.inference import predict_array, resolve_device  # noqa: E402
@@ -98,7 +97,6 @@ def main() -> None:
     parser.add_argument("--mixes", default="1;1,0.75;1,1.5;1,2;1,1.5,2;0.75,1,1.5")
     args = parser.parse_args()
     args.device = resolve_device(args.device)
-    torch.manual_seed(0)
     started = time.perf_counter()
     group = open_cache(args.scale_cache, args.base)
     scales = [float(s) for s in args.scales.split(",")]
@@ -137,18 +135,7 @@ def main() -> None:
             rows[d][label] = per_place([m > cut for m in maps], t["tiles"])
     print(f"{time.perf_counter() - started:.0f} s")
 
-    def joined(names):
-        return {
-            row: tuple(np.concatenate([rows[n][row][i] for n in names]) for i in range(2))
-            for row in rows[names[0]]
-        }
-
-    for name in rows:
-        print_table(f"**{name}**", rows[name])
-    if all(n in rows for n in POOLED):
-        print_table(f"**{' + '.join(POOLED)}**", joined(list(POOLED)))
-    if len(rows) > 1:
-        print_table(f"**all {len(rows)} sets**", joined(list(rows)))
+    print_sets(rows)
 
 
 if __name__ == "__main__":

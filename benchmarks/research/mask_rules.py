@@ -27,12 +27,11 @@ from skimage.morphology import remove_small_objects
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/
 from base_tta import open_cache, tta_probabilities  # noqa: E402
 from prn_accuracy import (  # noqa: E402
-    POOLED,
     SETS,
     add_probability_options,
     labelled_probabilities,
     per_place,
-    print_table,
+    print_sets,
 )
 
 from geoprn.inference import predict_array, resolve_device  # noqa: E402
@@ -140,19 +139,7 @@ def main() -> None:
                 rows[d][label] = per_place([fn(m, *params) for m in tmaps], ttiles)
     print(f"{time.perf_counter() - started:.0f} s")
 
-    def joined(names):
-        return {
-            row: tuple(np.concatenate([rows[n][row][i] for n in names]) for i in range(2))
-            for row in rows[names[0]]
-        }
-
-    names = list(rows)
-    for name in names:
-        print_table(f"**{name}**", rows[name])
-    if all(n in rows for n in POOLED):
-        print_table(f"**{' + '.join(POOLED)}**", joined(list(POOLED)))
-    if len(names) > 1:
-        print_table(f"**all {len(names)} sets**", joined(names))
+    print_sets(rows)
 
 
 if __name__ == "__main__":

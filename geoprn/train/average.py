@@ -23,9 +23,8 @@ class MovingAverage:
     """The EMA of ``net``'s weights and buffers, updated after each optimizer step."""
 
     def __init__(self, net: torch.nn.Module, decay: float):
-        self.decay = float(decay)
         self.averaged = AveragedModel(
-            net, multi_avg_fn=get_ema_multi_avg_fn(self.decay), use_buffers=True
+            net, multi_avg_fn=get_ema_multi_avg_fn(float(decay)), use_buffers=True
         )
 
     def update(self, net: torch.nn.Module) -> None:
@@ -47,7 +46,6 @@ class MovingAverage:
         return {
             "weights": self.averaged.module.state_dict(),
             "updates": int(self.averaged.n_averaged),
-            "decay": self.decay,
         }
 
     def restore(self, state: dict[str, Any] | None, source: Path) -> None:
