@@ -26,15 +26,16 @@ KINDS = ("base", "prn", "bpr")
 REQUIRED = ("kind", "architecture", "arguments", "bands", "tile_size")
 WEIGHTS_DIR = Path(__file__).parents[1] / "weights"
 DEFAULT_BASE = WEIGHTS_DIR / "base_all_sets_ema.safetensors"
-DEFAULT_PRN = WEIGHTS_DIR / "prn_rgb_all3.safetensors"
+DEFAULT_PRN = WEIGHTS_DIR / "prn_rgb_ema.safetensors"
 DEFAULT_BPR = WEIGHTS_DIR / "bpr_all3.safetensors"
 """The shipped weights used when no checkpoint is given (geoprn/weights/README.md): the base
 model trained on every labelled set, its weights a moving average (its checkpoint records
-that it runs averaged over 8 window symmetries, and its cut-off; since 2026-12-06), and the
-PRN and BPR trained for the one-pass map of ``base_all_sets_3``, the base before it. They
-replaced the Massachusetts-only ``base_default`` and ``prn_default`` on 2026-12-03
-(``benchmarks/default_pair.py``). A refiner runs by default only if its recorded gain
-qualifies for the base in use (:func:`geoprn.gain.qualifies`); neither does now."""
+that it runs averaged over 8 window symmetries, and its cut-off; since 2026-12-06), the PRN
+trained for its averaged map, and the BPR trained for the one-pass map of ``base_all_sets_3``
+(the base before it) and its PRN. They replaced the Massachusetts-only ``base_default`` and
+``prn_default`` on 2026-12-03 (``benchmarks/default_pair.py``). A refiner runs by default
+only if its recorded gain qualifies for the base in use (:func:`geoprn.gain.qualifies`);
+neither does now."""
 
 
 def build_network(meta: dict[str, Any]) -> torch.nn.Module:

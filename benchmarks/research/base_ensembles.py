@@ -1,0 +1,104 @@
+"""Does averaging the maps of several base models beat the default base model averaged over
+its window symmetries alone (a model ensemble at test time)?
+
+Each member is a base checkpoint run as ``refine --symmetries N`` runs it (its maps come from
+``prn_accuracy.py``'s cache of that base, computed there if missing). Each mix in ``--mixes``
+is a weighted mean of the members' maps; its cut-off is chosen on the ``val`` places of all
+sets (pooled road IoU), and it is scored on the ``test`` places against the first member in
+one pass at 0.5: gains with the 90 % bootstrap interval over places, for ``massachusetts`` +
+``massachusetts_crops`` and all sets.
+
+    python benchmarks/research/base_ensembles.py \\
+        --member geoprn/weights/base_all_sets_ema.safetensors:8 \\
+        --member geoprn/weights/base_all_sets_3.safetensors:8 \\
+        --member geoprn/weights/base_default.safetensors:1 \\
+        --mixes "1,0,0;1,1,0;1,0,1;2,0,1;1,1,1"
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/
+from prn_accuracy import (  # noqa: E402
+    SETS,
+    add_probability_options,
+    labelled_probabilities,
+    per_place,
+    print_sets,
+)
+
+from geoprn.inference import resolve_device  # noqa: E402
+from geoprn.pseudo_labels import THRESHOLDS  # noqa: E402
+from geoprn.train.prn import pooled_road_iou  # noqa: E402
+
+TAUS = [round(float(t), 2) for t in THRESHOLDS]
+
+
+def member_maps(args, member: str, dataset: str, split: str):
+    """The tiles of ``split`` and one member's maps on them (``path:symmetries``)."""
+    path, _, symmetries = member.rpartition(":")
+    ns = argparse.Namespace(
+        **{**vars(args), "dataset": dataset, "base": path, "symmetries": int(symmetries),
+           "cache": None}
+    )  # fmt: skip
+    return labelled_probabilities(ns, [split])
+
+
+def mixed(maps: list[list[np.ndarray]], weights: list[float]) -> list[np.ndarray]:
+    """Per place, the weighted mean of the members' maps (members of weight 0 left out)."""
+    used = [(w / sum(weights), m) for w, m in zip(weights, maps, strict=True) if w]
+    return [sum(w * m[i] for w, m in used) for i in range(len(maps[0]))]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_probability_options(parser, "test")
+    parser.add_argument("--member", action="append", required=True, help="base.safetensors:N")
+    parser.add_argument("--mixes", required=True, help="';'-separated weights, one per member")
+    parser.add_argument("--sets", default=",".join(SETS))
+    args = parser.parse_args()
+    args.device = resolve_device(args.device)
+    started = time.perf_counter()
+    first_one_pass = args.member[0].rpartition(":")[0] + ":1"
+    tune_tiles: list = []
+    tune: list[list[np.ndarray]] = [[] for _ in args.member]
+    test: dict[str, tuple] = {}
+    for dataset in args.sets.split(","):
+        for split in ("val", args.split):
+            pairs = [member_maps(args, m, dataset, split) for m in args.member]
+            tiles = pairs[0][0]
+            if split == "val":
+                tune_tiles.extend(tiles)
+                for k, (_, maps) in enumerate(pairs):
+                    tune[k].extend(maps)
+            else:
+                one_pass = member_maps(args, first_one_pass, dataset, split)[1]
+                test[dataset] = (tiles, [maps for _, maps in pairs], one_pass)
+            print(f"{dataset} {split}: {time.perf_counter() - started:.0f} s", flush=True)
+
+    rows: dict[str, dict] = {
+        d: {"base @ 0.5": per_place([m > 0.5 for m in one], tiles)}
+        for d, (tiles, _, one) in test.items()
+    }
+    for text in args.mixes.split(";"):
+        weights = [float(w) for w in text.split(",")]
+        val_maps = mixed(tune, weights)
+        scored = {t: pooled_road_iou([m > t for m in val_maps], tune_tiles) for t in TAUS}
+        cut = max(scored, key=scored.get)
+        label = f"weights {text} @ {cut}"
+        print(f"{label}: val road IoU {100 * scored[cut]:.2f} on {len(tune_tiles)} places")
+        for d, (tiles, maps, _) in test.items():
+            rows[d][label] = per_place([m > cut for m in mixed(maps, weights)], tiles)
+    print(f"members: {', '.join(args.member)}; {time.perf_counter() - started:.0f} s")
+
+    print_sets(rows)
+
+
+if __name__ == "__main__":
+    main()
