@@ -292,26 +292,31 @@ def concat(sets: list[SetScores]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     return join_rows([s.rows for s in sets])
 
 
-def print_sets(rows: dict[str, dict[str, tuple]]) -> None:
+def print_sets(rows: dict[str, dict[str, tuple]], reference: str = "base @ 0.5") -> None:
     """Each set's table (``rows``: set -> row -> per-place counts), then the Massachusetts
-    sets pooled and all sets pooled."""
+    sets pooled and all sets pooled; gains over row ``reference``."""
     for name, table in rows.items():
-        print_table(f"**{name}**", table)
+        print_table(f"**{name}**", table, reference)
     if all(name in rows for name in POOLED):
-        print_table(f"**{' + '.join(POOLED)}**", join_rows([rows[n] for n in POOLED]))
+        pooled_rows = join_rows([rows[n] for n in POOLED])
+        print_table(f"**{' + '.join(POOLED)}**", pooled_rows, reference)
     if len(rows) > 1:
-        print_table(f"**all {len(rows)} sets**", join_rows(list(rows.values())))
+        print_table(f"**all {len(rows)} sets**", join_rows(list(rows.values())), reference)
 
 
-def print_table(title: str, rows: dict[str, tuple[np.ndarray, np.ndarray]]) -> None:
-    base = rows["base @ 0.5"]
+def print_table(
+    title: str, rows: dict[str, tuple[np.ndarray, np.ndarray]], reference: str = "base @ 0.5"
+) -> None:
+    """The rows' pooled road IoU and mBA, and each one's gain over row ``reference`` with its
+    90 % bootstrap interval over places."""
+    base = rows[reference]
     print(f"\n{title}\n")
     print("| | road IoU | mBA | road IoU gain (90 % interval) | mBA gain (90 % interval) |")
     print("|---|---|---|---|---|")
     for name, (counts, boundary) in rows.items():
         s = pooled(counts, boundary)
         cells = [f"{100 * s['road IoU']:.2f}", f"{100 * s['mBA']:.2f}"]
-        if name == "base @ 0.5":
+        if name == reference:
             cells += ["", ""]
         else:
             for metric, i in (("road IoU", 0), ("mBA", 1)):

@@ -5,8 +5,8 @@ Each member is a base checkpoint run as ``refine --symmetries N`` runs it (its m
 ``prn_accuracy.py``'s cache of that base, computed there if missing). Each mix in ``--mixes``
 is a weighted mean of the members' maps; its cut-off is chosen on the ``val`` places of all
 sets (pooled road IoU), and it is scored on the ``test`` places against the first member in
-one pass at 0.5: gains with the 90 % bootstrap interval over places, for ``massachusetts`` +
-``massachusetts_crops`` and all sets.
+one pass at 0.5, then against the first mix: gains with the 90 % bootstrap interval over
+places, for ``massachusetts`` + ``massachusetts_crops`` and all sets.
 
     python benchmarks/research/base_ensembles.py \\
         --member geoprn/weights/base_all_sets_ema.safetensors:8 \\
@@ -98,6 +98,9 @@ def main() -> None:
     print(f"members: {', '.join(args.member)}; {time.perf_counter() - started:.0f} s")
 
     print_sets(rows)
+    first = next(label for label in rows[next(iter(rows))] if label.startswith("weights "))
+    print(f"\nThe same mixes, place by place against the first, {first}:")
+    print_sets(rows, reference=first)
 
 
 if __name__ == "__main__":
