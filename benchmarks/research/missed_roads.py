@@ -6,7 +6,9 @@ on the ``test`` places of each set and the sets pooled, every missed road pixel 
 its distance to the nearest predicted road pixel, and every false road pixel by its distance
 to the nearest true road pixel: within ``d`` pixels (the band of mBA, ``geoprn.metrics``) or
 beyond. Errors beyond ``d`` are what the background band of mBA counts hardest: a cut-off
-or a thinner or wider road does not reach them. Maps come from ``prn_accuracy.py``'s cache.
+or a thinner or wider road does not reach them. The last column counts the roads missed
+beyond ``d`` that the map holds a trace of (p > 0.1), which a rule on the map could still
+reach. Maps come from ``prn_accuracy.py``'s cache.
 
     python benchmarks/research/missed_roads.py --symmetries 8 --threshold 0.35
 """
@@ -26,10 +28,15 @@ from prn_accuracy import POOLED, SETS, add_probability_options, labelled_probabi
 from geoprn.inference import resolve_device  # noqa: E402
 from geoprn.metrics import DEFAULT_D  # noqa: E402
 
+SIGNAL = 0.1
+"""A probability a missed pixel must pass to count as one the map holds a trace of."""
 
-def error_split(pred: np.ndarray, truth: np.ndarray, valid: np.ndarray, d: float) -> np.ndarray:
+
+def error_split(probs: np.ndarray, cut: float, truth: np.ndarray, valid: np.ndarray, d: float):
     """Valid pixels: [true road, missed within d, missed beyond d, false within d, false
-    beyond d] (distances measured inside the tile, to the other mask's nearest road pixel)."""
+    beyond d, missed beyond d with a probability above ``SIGNAL``] (distances measured inside
+    the tile, to the other mask's nearest road pixel)."""
+    pred = probs > cut
 
     def far(mask: np.ndarray) -> np.ndarray:  # farther than d from every pixel of mask
         if not mask.any():
@@ -42,6 +49,7 @@ def error_split(pred: np.ndarray, truth: np.ndarray, valid: np.ndarray, d: float
         (truth & valid).sum(),
         (missed & ~far_pred).sum(), (missed & far_pred).sum(),
         (false & ~far_truth).sum(), (false & far_truth).sum(),
+        (missed & far_pred & (probs > SIGNAL)).sum(),
     ])  # fmt: skip
 
 
@@ -64,7 +72,7 @@ def main() -> None:
         ns = argparse.Namespace(**{**vars(args), "dataset": dataset})
         tiles, probs = labelled_probabilities(ns, [args.split])
         totals[dataset] = sum(
-            error_split(p > args.threshold, t.label > 0, t.valid, args.d)
+            error_split(p, args.threshold, t.label > 0, t.valid, args.d)
             for p, t in zip(probs, tiles, strict=True)
         )
     print(
@@ -72,8 +80,9 @@ def main() -> None:
         f"{args.threshold}; errors per 100 true road pixels, split at d = {args.d:g} px\n"
     )
     print("| `test` places | true road pixels | missed, within d of a predicted road | "
-          "missed, beyond d | false, within d of a true road | false, beyond d |")  # fmt: skip
-    print("|---|---|---|---|---|---|")
+          f"missed, beyond d | false, within d of a true road | false, beyond d | "
+          f"missed beyond d with p > {SIGNAL} |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|")
     for dataset, counts in totals.items():
         print_row(dataset, counts)
     if all(name in totals for name in POOLED):
