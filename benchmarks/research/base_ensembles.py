@@ -34,10 +34,7 @@ from prn_accuracy import (  # noqa: E402
 )
 
 from geoprn.inference import resolve_device  # noqa: E402
-from geoprn.pseudo_labels import THRESHOLDS  # noqa: E402
-from geoprn.train.prn import pooled_road_iou  # noqa: E402
-
-TAUS = [round(float(t), 2) for t in THRESHOLDS]
+from geoprn.train.prn import best_threshold, pooled_road_iou  # noqa: E402
 
 
 def member_maps(args, member: str, dataset: str, split: str):
@@ -86,21 +83,21 @@ def main() -> None:
         d: {"base @ 0.5": per_place([m > 0.5 for m in one], tiles)}
         for d, (tiles, _, one) in test.items()
     }
+    labels = []
     for text in args.mixes.split(";"):
         weights = [float(w) for w in text.split(",")]
         val_maps = mixed(tune, weights)
-        scored = {t: pooled_road_iou([m > t for m in val_maps], tune_tiles) for t in TAUS}
-        cut = max(scored, key=scored.get)
-        label = f"weights {text} @ {cut}"
-        print(f"{label}: val road IoU {100 * scored[cut]:.2f} on {len(tune_tiles)} places")
+        cut = best_threshold(val_maps, tune_tiles)
+        labels.append(f"weights {text} @ {cut:.2f}")
+        val_iou = pooled_road_iou([m > cut for m in val_maps], tune_tiles)
+        print(f"{labels[-1]}: val road IoU {100 * val_iou:.2f} on {len(tune_tiles)} places")
         for d, (tiles, maps, _) in test.items():
-            rows[d][label] = per_place([m > cut for m in mixed(maps, weights)], tiles)
+            rows[d][labels[-1]] = per_place([m > cut for m in mixed(maps, weights)], tiles)
     print(f"members: {', '.join(args.member)}; {time.perf_counter() - started:.0f} s")
 
     print_sets(rows)
-    first = next(label for label in rows[next(iter(rows))] if label.startswith("weights "))
-    print(f"\nThe same mixes, place by place against the first, {first}:")
-    print_sets(rows, reference=first)
+    print(f"\nThe same mixes, place by place against the first, {labels[0]}:")
+    print_sets(rows, reference=labels[0])
 
 
 if __name__ == "__main__":

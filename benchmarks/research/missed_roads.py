@@ -20,13 +20,12 @@ import sys
 from pathlib import Path
 
 import numpy as np
-from scipy import ndimage
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/
 from prn_accuracy import POOLED, SETS, add_probability_options, labelled_probabilities  # noqa: E402
 
 from geoprn.inference import resolve_device  # noqa: E402
-from geoprn.metrics import DEFAULT_D  # noqa: E402
+from geoprn.metrics import DEFAULT_D, boundary_band  # noqa: E402
 
 SIGNAL = 0.1
 """A probability a missed pixel must pass to count as one the map holds a trace of."""
@@ -37,14 +36,9 @@ def error_split(probs: np.ndarray, cut: float, truth: np.ndarray, valid: np.ndar
     beyond d, missed beyond d with a probability above ``SIGNAL``] (distances measured inside
     the tile, to the other mask's nearest road pixel)."""
     pred = probs > cut
-
-    def far(mask: np.ndarray) -> np.ndarray:  # farther than d from every pixel of mask
-        if not mask.any():
-            return np.ones_like(mask)
-        return ndimage.distance_transform_edt(~mask) > d
-
     missed, false = truth & ~pred & valid, pred & ~truth & valid
-    far_pred, far_truth = far(pred), far(truth)
+    # outside a mask, its complement's band holds the pixels within d of the mask
+    far_pred, far_truth = ~boundary_band(~pred, d), ~boundary_band(~truth, d)
     return np.array([
         (truth & valid).sum(),
         (missed & ~far_pred).sum(), (missed & far_pred).sum(),
