@@ -34,14 +34,23 @@ from prn_accuracy import (  # noqa: E402
 )
 
 from geoprn.inference import resolve_device  # noqa: E402
+from geoprn.models.predictor import SYMMETRIES  # noqa: E402
 from geoprn.train.prn import best_threshold, pooled_road_iou  # noqa: E402
 
 
-def member_maps(args, member: str, dataset: str, split: str):
-    """The tiles of ``split`` and one member's maps on them (``path:symmetries``)."""
-    path, _, symmetries = member.rpartition(":")
+def member(text: str) -> tuple[str, int]:
+    """``path:symmetries`` as (path, symmetries), for ``--member``."""
+    path, _, symmetries = text.rpartition(":")
+    if not path or symmetries not in {str(n) for n in SYMMETRIES}:
+        raise argparse.ArgumentTypeError(f"expected base.safetensors:N, N in {SYMMETRIES}")
+    return path, int(symmetries)
+
+
+def member_maps(args, member: tuple[str, int], dataset: str, split: str):
+    """The tiles of ``split`` and one member's maps on them."""
+    path, symmetries = member
     ns = argparse.Namespace(
-        **{**vars(args), "dataset": dataset, "base": path, "symmetries": int(symmetries),
+        **{**vars(args), "dataset": dataset, "base": path, "symmetries": symmetries,
            "cache": None}
     )  # fmt: skip
     return labelled_probabilities(ns, [split])
@@ -56,13 +65,21 @@ def mixed(maps: list[list[np.ndarray]], weights: list[float]) -> list[np.ndarray
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_probability_options(parser, "test")
-    parser.add_argument("--member", action="append", required=True, help="base.safetensors:N")
+    parser.add_argument(
+        "--member", action="append", required=True, type=member, help="base.safetensors:N"
+    )
     parser.add_argument("--mixes", required=True, help="';'-separated weights, one per member")
     parser.add_argument("--sets", default=",".join(SETS))
     args = parser.parse_args()
+    try:
+        mixes = [[float(w) for w in text.split(",")] for text in args.mixes.split(";")]
+    except ValueError:
+        mixes = []
+    if not mixes or any(len(w) != len(args.member) or min(w) < 0 or sum(w) <= 0 for w in mixes):
+        parser.error(f"each mix needs {len(args.member)} weights, >= 0, not all 0")
     args.device = resolve_device(args.device)
     started = time.perf_counter()
-    first_one_pass = args.member[0].rpartition(":")[0] + ":1"
+    first_one_pass = (args.member[0][0], 1)
     tune_tiles: list = []
     tune: list[list[np.ndarray]] = [[] for _ in args.member]
     test: dict[str, tuple] = {}
@@ -84,8 +101,7 @@ def main() -> None:
         for d, (tiles, _, one) in test.items()
     }
     labels = []
-    for text in args.mixes.split(";"):
-        weights = [float(w) for w in text.split(",")]
+    for text, weights in zip(args.mixes.split(";"), mixes, strict=True):
         val_maps = mixed(tune, weights)
         cut = best_threshold(val_maps, tune_tiles)
         labels.append(f"weights {text} @ {cut:.2f}")
@@ -93,7 +109,8 @@ def main() -> None:
         print(f"{labels[-1]}: val road IoU {100 * val_iou:.2f} on {len(tune_tiles)} places")
         for d, (tiles, maps, _) in test.items():
             rows[d][labels[-1]] = per_place([m > cut for m in mixed(maps, weights)], tiles)
-    print(f"members: {', '.join(args.member)}; {time.perf_counter() - started:.0f} s")
+    names = ", ".join(f"{path}:{n}" for path, n in args.member)
+    print(f"members: {names}; {time.perf_counter() - started:.0f} s")
 
     print_sets(rows)
     print(f"\nThe same mixes, place by place against the first, {labels[0]}:")
