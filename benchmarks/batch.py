@@ -52,6 +52,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 from memory import build_mosaic  # noqa: E402
 
+from geoprn.errors import run_script  # noqa: E402
 from geoprn.pipeline import refine  # noqa: E402
 from geoprn.raster import open_raster, read_region  # noqa: E402
 from geoprn.tiling import block_grid, serpentine, stage_regions, window_origins  # noqa: E402
@@ -247,4 +248,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

@@ -32,6 +32,7 @@ from memory import build_mosaic, with_nodata  # noqa: E402
 
 import geoprn  # noqa: E402
 from geoprn import blocks  # noqa: E402
+from geoprn.errors import run_script  # noqa: E402
 
 
 def run(
@@ -114,4 +115,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

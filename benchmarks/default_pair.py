@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 from prn_accuracy import POOLED, SETS, cache_path, labelled_probabilities, per_place, pooled
 
+from geoprn.errors import run_script
 from geoprn.gain import bootstrap_gain
 from geoprn.inference import resolve_device
 from geoprn.models.checkpoint import DEFAULT_BASE, DEFAULT_PRN, read_header
@@ -108,4 +109,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

@@ -22,6 +22,7 @@ from contextlib import nullcontext
 
 import torch
 
+from geoprn.errors import run_script
 from geoprn.inference import resolve_device
 from geoprn.models.checkpoint import DEFAULT_BASE, DEFAULT_PRN, load_model
 from geoprn.models.predictor import Predictor, fold_batchnorm
@@ -148,4 +149,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

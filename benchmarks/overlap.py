@@ -31,6 +31,7 @@ from prn_accuracy import scores, split_tiles  # noqa: E402
 
 from geoprn.blocks import window_cache_bytes  # noqa: E402
 from geoprn.data import load_tiles  # noqa: E402
+from geoprn.errors import run_script  # noqa: E402
 from geoprn.inference import PRECISIONS, predict_array, resolve_device, windows_run  # noqa: E402
 from geoprn.models.checkpoint import (  # noqa: E402
     DEFAULT_BASE,
@@ -138,4 +139,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

@@ -49,6 +49,7 @@ from pathlib import Path
 import numpy as np
 
 from geoprn.data import discover_pairs, load_tiles
+from geoprn.errors import run_script
 from geoprn.gain import METRICS, bootstrap_gain, boundary_arrays, place_counts
 from geoprn.inference import PRECISIONS, autocast_dtype, predict_array, resolve_device
 from geoprn.metrics import BoundaryCounts, Confusion, evaluate
@@ -439,4 +440,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

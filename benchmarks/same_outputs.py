@@ -23,6 +23,8 @@ import zarr
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from memory import build_mosaic  # noqa: E402
 
+from geoprn.errors import run_script  # noqa: E402
+
 REPO = Path(__file__).resolve().parents[1]
 RUN = """
 import sys
@@ -89,4 +91,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

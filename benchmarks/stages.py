@@ -31,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from memory import build_mosaic, with_nodata  # noqa: E402
 
 from geoprn import blocks, inference, pipeline, store  # noqa: E402
+from geoprn.errors import run_script  # noqa: E402
 
 TIMED = {
     blocks: [
@@ -137,4 +138,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from memory import build_mosaic
 
+from geoprn.errors import run_script
 from geoprn.models.checkpoint import DEFAULT_BASE, DEFAULT_PRN
 from geoprn.pipeline import refine
 from geoprn.raster import open_scene
@@ -68,4 +69,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

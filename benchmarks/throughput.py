@@ -55,6 +55,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from memory import build_mosaic  # noqa: E402
 
 from geoprn.blocks import window_cache_bytes  # noqa: E402
+from geoprn.errors import run_script  # noqa: E402
 from geoprn.inference import (  # noqa: E402
     PRECISIONS,
     autocast_dtype,
@@ -370,4 +371,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

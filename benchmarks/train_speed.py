@@ -26,6 +26,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from model_speed import median_seconds, window_gflop  # noqa: E402
 
+from geoprn.errors import run_script  # noqa: E402
 from geoprn.inference import resolve_device
 from geoprn.models.base import build_base
 from geoprn.models.prn import PatchRefineNet
@@ -107,4 +108,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

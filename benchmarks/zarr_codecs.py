@@ -32,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from prn_accuracy import add_probability_options, labelled_probabilities  # noqa: E402
 
 from geoprn import store  # noqa: E402
+from geoprn.errors import run_script  # noqa: E402
 from geoprn.inference import resolve_device  # noqa: E402
 
 CANDIDATES = {
@@ -117,4 +118,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

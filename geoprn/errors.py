@@ -1,5 +1,11 @@
 """The exceptions geoprn raises; the CLI turns each into one line on stderr and a non-zero exit."""
 
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
 
 class GeoprnError(Exception):
     """Base of every error geoprn reports to the user."""
@@ -35,3 +41,16 @@ class BatchError(GeoprnError):
 
 class GeoprnWarning(UserWarning):
     """Something the user should know that does not stop the run (the CLI prints it once)."""
+
+
+def run_script(main: Callable[[], None]) -> None:
+    """Run a script's ``main`` as the CLI runs a command: a GeoprnError is one line on stderr
+    and exit 1, Ctrl-C exit 130, never a traceback (the benchmark scripts' entry point)."""
+    name = Path(sys.argv[0]).name
+    try:
+        main()
+    except GeoprnError as exc:
+        sys.exit(f"{name}: error: {exc}")
+    except KeyboardInterrupt:
+        print(f"{name}: interrupted", file=sys.stderr)
+        sys.exit(130)

@@ -306,3 +306,27 @@ def test_vectorize_onto_a_read_only_file_system_is_one_line(road_mask, tmp_path)
         assert_one_line_error(
             run("vectorize", road_mask, "-o", folder / "roads.gpkg"), "is not writable"
         )
+
+
+# --- the benchmark scripts: the same one line as the CLI ----------------------------------
+
+
+@pytest.mark.parametrize(
+    ("script", "options"),
+    [("prn_accuracy.py", ["--prn", "none", "--bpr", "none"]), ("research/missed_roads.py", [])],
+)
+def test_a_benchmark_given_a_missing_checkpoint_says_so_in_one_line(script, options, tmp_path):
+    missing = tmp_path / "nope.safetensors"
+    repo = Path(__file__).resolve().parents[1]
+    result = subprocess.run(
+        [sys.executable, repo / "benchmarks" / script, "--base", missing, *options],
+        capture_output=True,
+        text=True,
+        cwd=repo,
+        timeout=300,
+    )
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines() == [
+        f"{Path(script).name}: error: checkpoint not found: {missing}"
+    ]

@@ -33,6 +33,7 @@ from prn_accuracy import (  # noqa: E402
     print_sets,
 )
 
+from geoprn.errors import run_script  # noqa: E402
 from geoprn.inference import resolve_device  # noqa: E402
 from geoprn.models.predictor import SYMMETRIES  # noqa: E402
 from geoprn.train.prn import best_threshold, pooled_road_iou  # noqa: E402
@@ -118,4 +119,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

@@ -34,6 +34,7 @@ from prn_accuracy import (  # noqa: E402
     print_sets,
 )
 
+from geoprn.errors import run_script  # noqa: E402
 from geoprn.inference import predict_array, resolve_device  # noqa: E402
 from geoprn.models.checkpoint import file_sha256, load_cached  # noqa: E402
 from geoprn.models.predictor import SymmetryMean  # noqa: E402
@@ -139,4 +140,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

@@ -22,6 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/
 from prn_accuracy import SETS, split_tiles  # noqa: E402
 
 from geoprn.data import load_tiles  # noqa: E402
+from geoprn.errors import run_script  # noqa: E402
 from geoprn.inference import predict_array, resolve_device  # noqa: E402
 from geoprn.models.checkpoint import DEFAULT_BASE, file_sha256, load_cached, read_header  # noqa: E402
 from geoprn.models.predictor import inverse, symmetry  # noqa: E402
@@ -92,4 +93,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from geoprn.errors import run_script  # noqa: E402
 from geoprn.inference import predict_array, resolve_device
 from geoprn.models.checkpoint import load_model
 from geoprn.train import load_config, train_base
@@ -114,4 +115,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

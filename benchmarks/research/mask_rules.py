@@ -34,6 +34,7 @@ from prn_accuracy import (  # noqa: E402
     print_sets,
 )
 
+from geoprn.errors import run_script  # noqa: E402
 from geoprn.inference import predict_array, resolve_device  # noqa: E402
 from geoprn.models.checkpoint import DEFAULT_PRN, file_sha256, load_cached, read_header  # noqa: E402
 from geoprn.models.header import reads_image  # noqa: E402
@@ -143,4 +144,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

@@ -24,6 +24,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/
 from prn_accuracy import POOLED, SETS, add_probability_options, labelled_probabilities  # noqa: E402
 
+from geoprn.errors import run_script  # noqa: E402
 from geoprn.inference import resolve_device  # noqa: E402
 from geoprn.metrics import DEFAULT_D, boundary_band  # noqa: E402
 
@@ -84,4 +85,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

@@ -36,6 +36,7 @@ from prn_accuracy import (  # noqa: E402
     split_tiles,
 )
 
+from geoprn.errors import run_script  # noqa: E402
 from geoprn.inference import resolve_device  # noqa: E402
 from geoprn.pseudo_labels import THRESHOLDS  # noqa: E402
 from geoprn.train import load_config, refined_probabilities, train_prn  # noqa: E402
@@ -144,4 +145,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

@@ -37,6 +37,7 @@ from prn_accuracy import (  # noqa: E402
     scores,
 )
 
+from geoprn.errors import run_script  # noqa: E402
 from geoprn.inference import resolve_device  # noqa: E402
 from geoprn.losses import masked_bce, masked_boundary, masked_focal  # noqa: E402
 from geoprn.models.checkpoint import DEFAULT_PRN, read_header  # noqa: E402
@@ -110,4 +111,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)
