@@ -25,12 +25,13 @@ from geoprn.models.predictor import Predictor, fold_batchnorm
 KINDS = ("base", "prn", "bpr")
 REQUIRED = ("kind", "architecture", "arguments", "bands", "tile_size")
 WEIGHTS_DIR = Path(__file__).parents[1] / "weights"
-DEFAULT_BASE = WEIGHTS_DIR / "base_all_sets_ema.safetensors"
-DEFAULT_PRN = WEIGHTS_DIR / "prn_rgb_ema.safetensors"
+DEFAULT_BASE = WEIGHTS_DIR / "base_all_sets_384.safetensors"
+DEFAULT_PRN = WEIGHTS_DIR / "prn_rgb_384.safetensors"
 DEFAULT_BPR = WEIGHTS_DIR / "bpr_all3.safetensors"
 """The shipped weights used when no checkpoint is given (geoprn/weights/README.md): the base
-model trained on every labelled set, its weights a moving average (its checkpoint records
-that it runs averaged over 8 window symmetries, and its cut-off; since 2026-12-06), the PRN
+model trained on every labelled set, its weights a moving average, last trained on 384 px
+crops (its checkpoint records that it runs averaged over 8 window symmetries, and its
+cut-off; since 2026-12-06), the PRN
 trained for its averaged map, and the BPR trained for the one-pass map of ``base_all_sets_3``
 (the base before it) and its PRN. They replaced the Massachusetts-only ``base_default`` and
 ``prn_default`` on 2026-12-03 (``benchmarks/default_pair.py``). A refiner runs by default
