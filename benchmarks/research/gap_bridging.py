@@ -49,16 +49,15 @@ TAIL = 8
 """Pixels of a line, back from its end, that say which way it runs."""
 
 
-def bridges(probs: np.ndarray, mask: np.ndarray) -> dict[int, list[tuple[float, np.ndarray]]]:
-    """For each radius of :data:`RADII`, each line end's best bridge: (mean probability,
-    (n, 2) pixels), found as the module docstring says."""
-    skeleton = skeletonize(mask)
+def bridges(probs: np.ndarray, skeleton: np.ndarray) -> dict[int, list[tuple[float, np.ndarray]]]:
+    """For each radius of :data:`RADII`, each line end's best bridge on the mask's centre
+    lines ``skeleton``: (mean probability, (n, 2) pixels), as the module docstring says."""
     neighbours = ndimage.convolve(skeleton.astype(np.uint8), np.ones((3, 3), np.uint8))
     ends = np.argwhere(skeleton & (neighbours == 2))
     lines, _ = ndimage.label(skeleton, np.ones((3, 3)))
     points = np.argwhere(skeleton)
     owner = lines[points[:, 0], points[:, 1]]
-    h, w = mask.shape
+    h, w = skeleton.shape
     found: dict[int, list[tuple[float, np.ndarray]]] = {r: [] for r in RADII}
     for end in ends:
         if min(end[0], end[1], h - 1 - end[0], w - 1 - end[1]) < TAIL:
@@ -87,9 +86,8 @@ def bridges(probs: np.ndarray, mask: np.ndarray) -> dict[int, list[tuple[float, 
     return found
 
 
-def half_width(mask: np.ndarray) -> int:
+def half_width(mask: np.ndarray, skeleton: np.ndarray) -> int:
     """The median distance from the mask's centre lines to its edge, in pixels (>= 1)."""
-    skeleton = skeletonize(mask)
     if not skeleton.any():
         return 1
     return max(1, round(float(np.median(ndimage.distance_transform_edt(mask)[skeleton]))))
@@ -132,7 +130,8 @@ def main() -> None:
             masks: dict[tuple[int, float], list] = {(0, 0.0): []}
             for probs_one in probs:
                 mask = probs_one > cut
-                found, width = bridges(probs_one, mask), half_width(mask)
+                skeleton = skeletonize(mask)
+                found, width = bridges(probs_one, skeleton), half_width(mask, skeleton)
                 masks[0, 0.0].append(mask)
                 for radius, p in itertools.product(RADII, MIN_PROBABILITIES):
                     masks.setdefault((radius, p), []).append(bridged(mask, found[radius], width, p))
