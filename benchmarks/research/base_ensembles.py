@@ -63,6 +63,36 @@ def mixed(maps: list[list[np.ndarray]], weights: list[float]) -> list[np.ndarray
     return [sum(w * m[i] for w, m in used) for i in range(len(maps[0]))]
 
 
+def report_mixes(tune, tune_tiles, test, mixes, names, heading: str, started: float) -> None:
+    """Each mix's cut-off chosen on the ``val`` places (pooled road IoU), and the tables of its
+    scores on each set's ``test`` places: gains over the first member in one pass at 0.5, then
+    over the first mix, place by place. ``heading`` is printed before the tables, with the
+    seconds since ``started`` (``time.perf_counter``).
+
+    Args:
+        tune: per member, its maps of the ``val`` places ``tune_tiles``.
+        test: set -> (its test tiles, per member its maps, the one-pass maps).
+        mixes: per mix, a weight per member; ``names``: a name per mix.
+    """
+    rows: dict[str, dict] = {
+        d: {"base @ 0.5": per_place([m > 0.5 for m in one], tiles)}
+        for d, (tiles, _, one) in test.items()
+    }
+    labels = []
+    for name, weights in zip(names, mixes, strict=True):
+        val_maps = mixed(tune, weights)
+        cut = best_threshold(val_maps, tune_tiles)
+        labels.append(f"{name} @ {cut:.2f}")
+        val_iou = pooled_road_iou([m > cut for m in val_maps], tune_tiles)
+        print(f"{labels[-1]}: val road IoU {100 * val_iou:.2f} on {len(tune_tiles)} places")
+        for d, (tiles, maps, _) in test.items():
+            rows[d][labels[-1]] = per_place([m > cut for m in mixed(maps, weights)], tiles)
+    print(f"{heading}; {time.perf_counter() - started:.0f} s")
+    print_sets(rows)
+    print(f"\nThe same mixes, place by place against the first, {labels[0]}:")
+    print_sets(rows, reference=labels[0])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_probability_options(parser, "test")
@@ -97,25 +127,9 @@ def main() -> None:
                 test[dataset] = (tiles, [maps for _, maps in pairs], one_pass)
             print(f"{dataset} {split}: {time.perf_counter() - started:.0f} s", flush=True)
 
-    rows: dict[str, dict] = {
-        d: {"base @ 0.5": per_place([m > 0.5 for m in one], tiles)}
-        for d, (tiles, _, one) in test.items()
-    }
-    labels = []
-    for text, weights in zip(args.mixes.split(";"), mixes, strict=True):
-        val_maps = mixed(tune, weights)
-        cut = best_threshold(val_maps, tune_tiles)
-        labels.append(f"weights {text} @ {cut:.2f}")
-        val_iou = pooled_road_iou([m > cut for m in val_maps], tune_tiles)
-        print(f"{labels[-1]}: val road IoU {100 * val_iou:.2f} on {len(tune_tiles)} places")
-        for d, (tiles, maps, _) in test.items():
-            rows[d][labels[-1]] = per_place([m > cut for m in mixed(maps, weights)], tiles)
-    names = ", ".join(f"{path}:{n}" for path, n in args.member)
-    print(f"members: {names}; {time.perf_counter() - started:.0f} s")
-
-    print_sets(rows)
-    print(f"\nThe same mixes, place by place against the first, {labels[0]}:")
-    print_sets(rows, reference=labels[0])
+    names = [f"weights {text}" for text in args.mixes.split(";")]
+    members = ", ".join(f"{path}:{n}" for path, n in args.member)
+    report_mixes(tune, tune_tiles, test, mixes, names, f"members: {members}", started)
 
 
 if __name__ == "__main__":

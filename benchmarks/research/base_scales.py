@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/
-from base_tta import open_cache  # noqa: E402
+from base_tta import cached_maps, open_cache  # noqa: E402
 from prn_accuracy import (  # noqa: E402
     SETS,
     add_probability_options,
@@ -35,7 +35,7 @@ from prn_accuracy import (  # noqa: E402
 )
 
 from geoprn.errors import run_script  # noqa: E402
-from geoprn.inference import predict_array, resolve_device  # noqa: E402
+from geoprn.inference import resolve_device  # noqa: E402
 from geoprn.models.checkpoint import file_sha256, load_cached  # noqa: E402
 from geoprn.models.predictor import SymmetryMean  # noqa: E402
 from geoprn.pseudo_labels import THRESHOLDS  # noqa: E402
@@ -74,18 +74,12 @@ class ScaleMean(nn.Module):
 
 def scale_maps(group, base: str, scale: float, symmetries: int, tiles, device, batch_size):
     """Per tile, the base model's map with each window run at ``scale`` (cached)."""
-    model = None
-    out = []
-    for tile in tiles:
-        key = f"s{scale:g}_{symmetries}/{tile.name}"
-        if key not in group:
-            if model is None:
-                model = load_cached(str(Path(base).resolve()), file_sha256(base), str(device))
-                model = SymmetryMean(ScaleMean(model, (scale,)), symmetries)
-            probs = predict_array(model, tile.image, batch_size=batch_size, device=device)
-            group.create_array(key, data=probs.astype(np.float16), chunks=(512, 512))
-        out.append(np.asarray(group[key][...], dtype=np.float32))
-    return out
+
+    def make_model():
+        model = load_cached(str(Path(base).resolve()), file_sha256(base), str(device))
+        return SymmetryMean(ScaleMean(model, (scale,)), symmetries)
+
+    return cached_maps(group, f"s{scale:g}_{symmetries}", make_model, tiles, device, batch_size)
 
 
 def main() -> None:

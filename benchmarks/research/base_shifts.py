@@ -30,22 +30,20 @@ import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/
-from base_ensembles import mixed  # noqa: E402
-from base_tta import open_cache  # noqa: E402
+from base_ensembles import mixed, report_mixes  # noqa: E402
+from base_tta import cached_maps, open_cache  # noqa: E402
 from prn_accuracy import (  # noqa: E402
     SETS,
     add_probability_options,
     labelled_probabilities,
     per_place,
     pooled,
-    print_sets,
 )
 
 from geoprn.errors import run_script  # noqa: E402
-from geoprn.inference import predict_array, resolve_device  # noqa: E402
+from geoprn.inference import resolve_device  # noqa: E402
 from geoprn.models.checkpoint import file_sha256, load_cached  # noqa: E402
 from geoprn.models.predictor import SymmetryMean  # noqa: E402
-from geoprn.train.prn import best_threshold, pooled_road_iou  # noqa: E402
 
 GRID = 32
 """The base model's largest stride: an offset of it or more repeats a smaller one."""
@@ -70,20 +68,14 @@ class ShiftedWindow(nn.Module):
 
 def shifted_maps(args, group, tiles, offset: int) -> list[np.ndarray]:
     """Per tile, the base model's map at ``offset`` (cached in ``group``)."""
-    model = None
-    out = []
-    for tile in tiles:
-        key = f"s{args.symmetries}/offset{offset}/{tile.name}"
-        if key not in group:
-            if model is None:
-                base = load_cached(str(Path(args.base).resolve()), file_sha256(args.base),
-                                   str(args.device))  # fmt: skip
-                model = ShiftedWindow(SymmetryMean(base, args.symmetries), offset)
-            probs = predict_array(model, tile.image, batch_size=args.batch_size,
-                                  device=args.device, precision=args.precision)  # fmt: skip
-            group.create_array(key, data=probs.astype(np.float16), chunks=(512, 512))
-        out.append(np.asarray(group[key][...], dtype=np.float32))
-    return out
+
+    def make_model():
+        base = load_cached(str(Path(args.base).resolve()), file_sha256(args.base), str(args.device))
+        return ShiftedWindow(SymmetryMean(base, args.symmetries), offset)
+
+    prefix = f"s{args.symmetries}/offset{offset}"
+    return cached_maps(group, prefix, make_model, tiles, args.device, args.batch_size,
+                       args.precision)  # fmt: skip
 
 
 def main() -> None:
@@ -116,34 +108,19 @@ def main() -> None:
                     tune[s].extend(maps[s])
             else:
                 one = argparse.Namespace(**{**vars(ns), "symmetries": 1})
-                test[dataset] = (tiles, maps, labelled_probabilities(one, [split])[1])
+                by_offset = [maps[s] for s in offsets]
+                test[dataset] = (tiles, by_offset, labelled_probabilities(one, [split])[1])
             print(f"{dataset} {split}: {time.perf_counter() - started:.0f} s", flush=True)
 
-    rows: dict[str, dict] = {
-        d: {"base @ 0.5": per_place([m > 0.5 for m in one], tiles)}
-        for d, (tiles, _, one) in test.items()
-    }
-    labels = []
-    for mix in mixes:
-        val_maps = mixed([tune[s] for s in mix], [1.0] * len(mix))
-        cut = best_threshold(val_maps, tune_tiles)
-        labels.append(f"offsets {','.join(map(str, mix))} @ {cut:.2f}")
-        val_iou = pooled_road_iou([m > cut for m in val_maps], tune_tiles)
-        print(f"{labels[-1]}: val road IoU {100 * val_iou:.2f} on {len(tune_tiles)} places")
-        if len(labels) == 1:  # how the first mix's val scores move with its cut-off
-            for t in CUTS:
-                counts, boundary = per_place([m > t for m in val_maps], tune_tiles)
-                score = pooled(counts, boundary)
-                print(f"  cut-off {t:.2f}: val road IoU {100 * score['road IoU']:.2f}, "
-                      f"mBA {100 * score['mBA']:.2f}")  # fmt: skip
-        for d, (tiles, maps, _) in test.items():
-            test_maps = mixed([maps[s] for s in mix], [1.0] * len(mix))
-            rows[d][labels[-1]] = per_place([m > cut for m in test_maps], tiles)
-    print(f"base {args.base}, {args.symmetries} symmetries; {time.perf_counter() - started:.0f} s")
-
-    print_sets(rows)
-    print(f"\nThe same mixes, place by place against the first, {labels[0]}:")
-    print_sets(rows, reference=labels[0])
+    first = mixed([tune[s] for s in mixes[0]], [1.0] * len(mixes[0]))
+    print(f"offsets {args.mixes.split(';')[0]}, val scores by cut-off:")
+    for t in CUTS:
+        score = pooled(*per_place([m > t for m in first], tune_tiles))
+        print(f"  {t:.2f}: road IoU {100 * score['road IoU']:.2f}, mBA {100 * score['mBA']:.2f}")
+    weights = [[float(s in mix) for s in offsets] for mix in mixes]
+    names = [f"offsets {text}" for text in args.mixes.split(";")]
+    heading = f"base {args.base}, {args.symmetries} symmetries"
+    report_mixes([tune[s] for s in offsets], tune_tiles, test, weights, names, heading, started)
 
 
 if __name__ == "__main__":

@@ -61,6 +61,23 @@ def tta_probabilities(group, base: str, tiles, device, batch_size: int) -> list[
     return out
 
 
+def cached_maps(group, prefix: str, make_model, tiles, device, batch_size: int, precision="auto"):
+    """Per tile, the map of ``make_model()`` (a window model, made only if a tile is not cached
+    yet) predicted as ``refine`` predicts a scene, cached in ``group`` under ``prefix/<tile>``
+    as float16."""
+    model = None
+    out = []
+    for tile in tiles:
+        key = f"{prefix}/{tile.name}"
+        if key not in group:
+            model = model or make_model()
+            probs = predict_array(model, tile.image, batch_size=batch_size, device=device,
+                                  precision=precision)  # fmt: skip
+            group.create_array(key, data=probs.astype(np.float16), chunks=(512, 512))
+        out.append(np.asarray(group[key][...], dtype=np.float32))
+    return out
+
+
 def open_cache(path: str, base: str):
     import zarr
 
