@@ -86,8 +86,11 @@ def main() -> None:
     parser.add_argument("--mixes", required=True, help="';'-separated sets of offsets")
     parser.add_argument("--sets", default=",".join(SETS))
     args = parser.parse_args()
-    offsets = [int(s) for s in args.offsets.split(",")]
-    mixes = [[int(s) for s in text.split(",")] for text in args.mixes.split(";")]
+    try:
+        offsets = [int(s) for s in args.offsets.split(",")]
+        mixes = [[int(s) for s in text.split(",")] for text in args.mixes.split(";")]
+    except ValueError:
+        parser.error("--offsets and --mixes take whole numbers of pixels")
     if any(not 0 <= s < GRID for s in offsets) or any(set(m) - set(offsets) for m in mixes):
         parser.error(f"offsets lie in [0, {GRID}) and each mix uses only --offsets")
     args.device = resolve_device(args.device)

@@ -70,7 +70,8 @@ def cached_maps(group, prefix: str, make_model, tiles, device, batch_size: int, 
     for tile in tiles:
         key = f"{prefix}/{tile.name}"
         if key not in group:
-            model = model or make_model()
+            if model is None:
+                model = make_model()
             probs = predict_array(model, tile.image, batch_size=batch_size, device=device,
                                   precision=precision)  # fmt: skip
             group.create_array(key, data=probs.astype(np.float16), chunks=(512, 512))
