@@ -64,6 +64,7 @@ from geoprn.models.checkpoint import (
     record_gain,
     rewrite_header,
 )
+from geoprn.models.header import recorded_cut_off
 from geoprn.models.predictor import SYMMETRIES
 from geoprn.pseudo_labels import THRESHOLDS, patch_optimal_labels
 from geoprn.train import base_probabilities, refined_probabilities
@@ -233,10 +234,10 @@ class SetScores:
         if args.bpr != "none":
             bpr, prn = (load_cached(str(Path(p).resolve()), file_sha256(p), str(args.device))
                         for p in (args.bpr, prns[0]))  # fmt: skip
-            meta = bpr.geoprn_meta
+            meta, base_cut = bpr.geoprn_meta, recorded_cut_off(read_header(args.base, "base"))
             for name, before in (("base + BPR", None), ("base + PRN + BPR", prn)):
-                model = BoundaryRefiner(
-                    bpr, before, meta["box"], meta["input_size"], meta["nms_iou"]
+                model = BoundaryRefiner(  # as refine runs it: alone, at the base's cut-off
+                    bpr, before, meta["box"], meta["input_size"], meta["nms_iou"], cut_off=base_cut
                 )
                 preds, seconds, boxes = timed_predictions(
                     model, probs, test, args.batch_size, args.device, args.precision

@@ -150,6 +150,15 @@ INIT_OPTION = click.option(
     "validated first and kept unless an epoch beats them.",
 )
 
+SYMMETRIES_OPTION = click.option(
+    "--symmetries",
+    type=click.Choice(["1", "4", "8"]),
+    default="1",
+    show_default=True,
+    help="Learn from the base model's map averaged over this many flips and quarter turns "
+    "of each window, as refine --symmetries makes it.",
+)
+
 OVERRIDES = (
     "epochs",
     "steps_per_epoch",
@@ -217,14 +226,7 @@ def base(tiles, output, config_name, nodata, val_tiles, **options) -> None:
     help="With --folds: the config of the fold base models.",
 )
 @INIT_OPTION
-@click.option(
-    "--symmetries",
-    type=click.Choice(["1", "4", "8"]),
-    default="1",
-    show_default=True,
-    help="Learn from the base model's map averaged over this many flips and quarter turns "
-    "of each window, as refine --symmetries makes it.",
-)
+@SYMMETRIES_OPTION
 @click.option(
     "--fold-workers",
     type=click.IntRange(min=1),
@@ -307,7 +309,8 @@ def prn(
     help="The PRN run after the base model (default: the shipped weights).",
 )
 @click.option("--no-prn", is_flag=True, help="Train BPR on the base model's predictions alone.")
-def bpr(tiles, output, config_name, base, prn, no_prn, val_tiles, **options) -> None:
+@SYMMETRIES_OPTION
+def bpr(tiles, output, config_name, base, prn, no_prn, symmetries, val_tiles, **options) -> None:
     """Train a Boundary Patch Refinement network on TILES and save its best weights to OUTPUT.
 
     Boxes are cut along the boundary of the base (+ PRN) predictions on the tiles, which are
@@ -327,6 +330,7 @@ def bpr(tiles, output, config_name, base, prn, no_prn, val_tiles, **options) -> 
         val_tiles=val_tiles or None,
         base=base or DEFAULT_BASE,
         prn=prn,
+        symmetries=int(symmetries),
         **options,
     )
     say(f"without BPR on the val tiles: road IoU {summary['before_val_road_iou']:.4f}")

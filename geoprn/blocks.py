@@ -142,10 +142,10 @@ def predict_stages(
         return Prediction(zeros, 0, own_image, valid[own])
     device = resolve_device(job.device)
     batch_size = job.batch_size or auto_batch_size(device, blocks_in_flight(job.threads))
-    models = [
-        stage_model(refs, str(device), job.compile, job.symmetries if name == "base" else 1)
-        for name, refs in job.stages
-    ]
+    models = []
+    for name, refs in job.stages:
+        passes = job.symmetries if name == "base" else 1
+        models.append(stage_model(refs, str(device), job.compile, passes, job.bpr_cut_off))
     if job.compile:  # before this thread does any other torch work
         for (name, _), model in zip(job.stages, models, strict=True):
             if not isinstance(model, BoundaryRefiner):
@@ -242,19 +242,25 @@ def takes_image(model: torch.nn.Module) -> bool:
 
 
 def stage_model(
-    refs: list[ModelRef], device: str, compiled: bool = False, symmetries: int = 1
+    refs: list[ModelRef],
+    device: str,
+    compiled: bool = False,
+    symmetries: int = 1,
+    bpr_cut_off: float = 0.5,
 ) -> torch.nn.Module:
     """The model of one stage, loaded once per worker: a base model (its probabilities
     averaged over ``symmetries`` of each window), a PRN, or BPR run on each window (after
-    PRN when both are given). ``compiled``: base model and PRN through ``torch.compile``
-    (BPR, whose boxes vary in number, runs as it is)."""
+    PRN when both are given; alone, on the map recentred at ``bpr_cut_off``). ``compiled``:
+    base model and PRN through ``torch.compile`` (BPR, whose boxes vary in number, runs as
+    it is)."""
     models = [load_cached(ref.path, ref.sha256, device) for ref in refs]
     meta = models[-1].geoprn_meta
     if meta["kind"] != "bpr":
         model = load_cached(refs[0].path, refs[0].sha256, device, True) if compiled else models[0]
         return model if symmetries == 1 else SymmetryMean(model, symmetries)
     before = models[0] if len(models) == 2 else None
-    return BoundaryRefiner(models[-1], before, meta["box"], meta["input_size"], meta["nms_iou"])
+    box, size, nms = meta["box"], meta["input_size"], meta["nms_iou"]
+    return BoundaryRefiner(models[-1], before, box, size, nms, cut_off=bpr_cut_off)
 
 
 def process_block(

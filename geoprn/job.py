@@ -72,6 +72,9 @@ class RefineJob:
     """Probability above which a pixel is road in the mask."""
     symmetries: int = 1
     """Window symmetries the base model's probabilities are averaged over (1: one pass)."""
+    bpr_cut_off: float = 0.5
+    """The cut-off BPR's input map is recentred at when no PRN runs before it: the base
+    model's recorded one, as ``train bpr`` recentres it (0.5 for given probabilities)."""
     bucket: str | None = None
     """The ``s3://`` prefix the outputs are kept in, when the block tasks (on a cluster) write
     it themselves, each worker through a working copy of its own (:mod:`geoprn.bucket`)."""
@@ -176,6 +179,7 @@ def open_inputs(
         raise InputError(f"--overlap must be even and below {tile // 2}")
     if batch_size != "auto" and (not str(batch_size).isdigit() or int(batch_size) < 1):
         raise InputError(f"--batch-size must be 'auto' or at least 1, not {batch_size!r}")
+    bpr_cut_off = recorded_cut_off(last) if bpr_ref is not None and prn_ref is None else 0.5
     if bpr_ref is not None:
         last = bpr_header
     threshold = mask_threshold(threshold, last)
@@ -201,6 +205,7 @@ def open_inputs(
         compile,
         threshold=threshold,
         symmetries=symmetries,
+        bpr_cut_off=bpr_cut_off,
     )
 
 
@@ -336,4 +341,5 @@ def run_signature(job: RefineJob, zarr_format: int) -> dict:
         "resample_factor": job.grid.factor,
         "precision": job.precision,
         **({"symmetries": job.symmetries} if job.symmetries != 1 else {}),  # older runs: 1
+        **({"bpr_cut_off": job.bpr_cut_off} if job.bpr_cut_off != 0.5 else {}),  # older: 0.5
     }

@@ -30,7 +30,14 @@ from geoprn.models.bpr import (
     recentred,
     upsample,
 )
-from geoprn.models.checkpoint import DEFAULT_BASE, file_sha256, load_cached, load_model
+from geoprn.models.checkpoint import (
+    DEFAULT_BASE,
+    file_sha256,
+    load_cached,
+    load_model,
+    read_header,
+    rewrite_header,
+)
 from geoprn.train import train_bpr
 from tests.conftest import SHARED_DATA, config_from
 
@@ -211,11 +218,15 @@ def test_train_bpr_command(val_crops, tmp_path):
     out = tmp_path / "b.safetensors"
     path = tmp_path / "tiny.yaml"
     path.write_text(yaml.safe_dump({**SMALL, "epochs": 1, "steps_per_epoch": 1}))
-    args = ["train", "bpr", val_crops, "-o", out, "--config", path, "--no-prn", "--device", "cpu"]
+    args = ["train", "bpr", val_crops, "-o", out, "--config", path, "--no-prn", "--device", "cpu",
+            "--symmetries", "8"]  # fmt: skip
     result = CliRunner().invoke(cli, [str(a) for a in args])
     assert result.exit_code == 0, result.output
     assert "without BPR on the val tiles: road IoU" in result.output and out.is_file()
-    assert load_model(out).geoprn_meta["prn"] is None
+    meta = load_model(out).geoprn_meta
+    assert meta["prn"] is None and meta["base"]["symmetries"] == 8  # the averaged map, recorded
+    cache = zarr.open_group(Path(f"{out}.cache.zarr"), mode="r")
+    assert cache.attrs["source"].endswith("_s8")  # and learned from
     result = CliRunner().invoke(cli, [str(a) for a in args])
     assert result.exit_code == 1 and "exists; pass --resume" in result.output
     wrong = ["train", "bpr", val_crops, "-o", tmp_path / "w.safetensors", "--prn", DEFAULT_BASE]
@@ -257,6 +268,23 @@ def test_bpr_alone_refines_the_base_model(mass_scene, models, tmp_path):
     )
     assert not np.array_equal(base, out) and np.isfinite(out).all()
     assert out.min() >= 0 and out.max() <= 1
+
+
+def test_bpr_alone_sees_the_base_mask_at_its_recorded_cut_off(mass_scene, models, tmp_path):
+    """With no PRN before it, BPR refines the mask the base model makes at the cut-off its
+    checkpoint records (as ``train bpr`` trains it), not at 0.5: what refine writes is BPR run
+    window by window on the stitched base map recentred there."""
+    header = {**read_header(models["base"]), "threshold": 0.3}
+    base = rewrite_header(models["base"], header, tmp_path / "base.safetensors")
+    options = {"use_prn": False, "bpr": models["bpr"], "use_bpr": True, "device": "cpu"}
+    refine(mass_scene, tmp_path, base=base, block_size=512, **options)
+    probs = zarr.open_array(tmp_path / "mass.zarr" / "base", mode="r")[:]
+    with rasterio.open(mass_scene) as scene:
+        x = np.concatenate([probs[None], scene.read().astype(np.float32)])
+    bpr = load_cached(str(models["bpr"]), file_sha256(models["bpr"]), "cpu")
+    out = refined(tmp_path)  # equal but for float rounding in a few boxes
+    np.testing.assert_allclose(out, predict_array(BoundaryRefiner(bpr, cut_off=0.3), x), atol=5e-3)
+    assert not np.allclose(out, predict_array(BoundaryRefiner(bpr), x), atol=5e-3)
 
 
 def test_bpr_on_a_probability_raster_sees_the_scene_image(mass_scene, models, tmp_path):

@@ -54,6 +54,7 @@ def train_bpr(
     device: str = "auto",
     half: bool = False,
     progress: Progress | None = None,
+    symmetries: int = 1,
 ) -> dict[str, Any]:
     """Train a Boundary Patch Refinement network on boxes along predicted road boundaries.
 
@@ -70,6 +71,8 @@ def train_bpr(
             max_minutes, device, half, progress: as for :func:`train_base`.
         base: the base checkpoint whose predictions BPR refines.
         prn: the PRN checkpoint run after ``base`` (``refine --refiner prn+bpr``).
+        symmetries: learn on the base model's map averaged over this many window
+            symmetries, as ``refine --symmetries`` makes it (recorded in the header).
 
     Returns:
         The summary of :func:`train_base`, plus ``before_val_road_iou``: the predictions
@@ -87,7 +90,9 @@ def train_bpr(
         train_pairs + val_pairs, bands, base_meta.get("nodata"), float(config["road_width"])
     )
     cache, batch = cache_path(out_path), int(config["val_batch"])
-    probs = base_probabilities(loaded, cache, base, batch_size=batch, device=device_)
+    probs = base_probabilities(
+        loaded, cache, base, batch_size=batch, device=device_, symmetries=symmetries
+    )
     if prn is not None:
         names, images = [t.name for t in loaded], [t.image for t in loaded]
         probs = refined_probabilities(probs, names, cache, prn, batch, device_, images=images)
@@ -121,7 +126,8 @@ def train_bpr(
         "nms_iou": float(config["nms_iou"]),
         "gsd": base_meta.get("gsd", config.get("gsd")),
         "output": "logits",
-        "base": {"sha256": file_sha256(base), "file": Path(base).name},
+        "base": {"sha256": file_sha256(base), "file": Path(base).name}
+        | ({"symmetries": symmetries} if symmetries != 1 else {}),
         "prn": None if prn is None else {"sha256": file_sha256(prn), "file": Path(prn).name},
     }
     model = Predictor(build_base(config["architecture"], config["arguments"]), meta)
