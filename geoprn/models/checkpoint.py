@@ -25,7 +25,7 @@ from geoprn.models.predictor import Predictor, fold_batchnorm
 KINDS = ("base", "prn", "bpr")
 REQUIRED = ("kind", "architecture", "arguments", "bands", "tile_size")
 WEIGHTS_DIR = Path(__file__).parents[1] / "weights"
-DEFAULT_BASE = WEIGHTS_DIR / "base_all_sets_384.safetensors"
+DEFAULT_BASE = WEIGHTS_DIR / "base_all_sets_512.safetensors"
 DEFAULT_PRN = WEIGHTS_DIR / "prn_rgb_384.safetensors"
 DEFAULT_BPR = WEIGHTS_DIR / "bpr_all3.safetensors"
 """The shipped weights used when no checkpoint is given (geoprn/weights/README.md): the base
