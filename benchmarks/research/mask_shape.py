@@ -62,6 +62,7 @@ def shaped(probs: np.ndarray, cut: float, blob: int, radius: float) -> np.ndarra
 
 
 def numbers(text: str, kind=float) -> list:
+    """``text``'s ','-separated numbers as ``kind``."""
     return [kind(s) for s in text.split(",")]
 
 
