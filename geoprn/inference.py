@@ -400,7 +400,9 @@ def predict_array(
 ) -> np.ndarray:
     """Blended ``model`` probabilities over a whole (C, H, W) array, reflect-padded at its edges.
 
-    The result is what ``refine`` gives for a scene holding exactly this array. With ``valid``
+    The result is what ``refine`` gives for a scene holding exactly this array, bit for bit
+    at the batch size it ran (fp32 convolutions of different batch sizes can differ in the
+    last bit, as on CPUs without AVX512-BF16; ``refine`` runs 1 on a CPU). With ``valid``
     ((H, W) bool, False at nodata), windows without a valid pixel are skipped as ``refine``
     skips them: the valid pixels' values do not change.
     """

@@ -59,15 +59,20 @@ LAPLACIAN = torch.tensor([[0.0, 1.0, 0.0], [1.0, -4.0, 1.0], [0.0, 1.0, 0.0]]).v
 
 
 def edge_map(x: torch.Tensor) -> torch.Tensor:
-    """``|tanh(Laplacian(x))|`` of (N, 1, H, W) maps, replicate-padded: 0 where x is flat."""
-    padded = F.pad(_fp32(x), (1, 1, 1, 1), mode="replicate")
-    return torch.tanh(F.conv2d(padded, LAPLACIAN.to(x.device, padded.dtype))).abs()
+    """``|tanh(Laplacian(x))|`` of (N, 1, H, W) maps, replicate-padded: 0 where x is flat.
+
+    Computed in bf16 on every device and in every precision, so edges fainter than bf16
+    resolves are exactly 0 (see :func:`masked_boundary`); returned as float32."""
+    padded = F.pad(x.float(), (1, 1, 1, 1), mode="replicate").bfloat16()
+    with torch.autocast(padded.device.type, enabled=False):
+        laplacian = F.conv2d(padded, LAPLACIAN.to(x.device, torch.bfloat16))
+        return torch.tanh(laplacian).abs().float()
 
 
-EDGE_MAX = 1.0 - 2.0**-8
-"""The largest predicted edge value the boundary loss takes: below 1 also in bf16, whose
-next value under 1 is 1 - 2^-8 (a clamp at 1 - 1e-6 rounds to 1 there, and ``log(1 - p)`` of a
-saturated map's edges was infinite)."""
+EDGE_MIN, EDGE_MAX = 1e-6, 1.0 - 2.0**-8
+"""The range the boundary loss takes a predicted edge value in: an edge of 0 counts as 1e-6
+(no gradient), one of 1 as 1 - 2^-8 (the largest bf16 value below 1), so ``log p`` and
+``log(1 - p)`` stay finite."""
 
 
 def masked_boundary(
@@ -75,17 +80,15 @@ def masked_boundary(
 ) -> torch.Tensor:
     """PRN's boundary loss: BCE between the edge maps of the prediction and of the target.
 
-    The prediction's edge map is taken of its sigmoid, so it lies in [0, 1) like the target's.
-
-    Known limit (2026-12-03): under bf16 autocast the edge maps are computed in bf16, whose
-    rounding sets faint edges to 0, where the clamp cuts their gradient. Computed in float32
-    instead, the term's gradient ``t / p`` at faint predicted edges swamped the others: PRN
-    learnt no road in ``tests/test_train_prn.py`` and won back 7 % of a synthetic bias instead
-    of 68 % (``benchmarks/research/prn_bias.py``, RESULTS.md point 6). A formulation that
-    trains alike in both precisions is still to be found; training runs in bf16 where the
-    device computes it.
+    The prediction's edge map is taken of its sigmoid, so it lies in [0, 1) like the target's,
+    clamped to [:data:`EDGE_MIN`, :data:`EDGE_MAX`]. The edge maps are bf16's
+    (:func:`edge_map`) whatever the precision of training: computed exactly, the term's
+    gradient ``t / p`` at faint predicted edges (p near 1e-6) swamped the others, and a PRN
+    trained in float32 won back 2 % of a synthetic bias where bf16, whose rounding sets those
+    edges to 0 and the clamp cuts their gradient, won back 41 % (``tests/test_prn_bias.py``;
+    a floor of 2^-8 on exact edges: 18 % in float32, 34 % under bf16 autocast).
     """
-    predicted = edge_map(torch.sigmoid(_fp32(logits))).clamp(1e-6, EDGE_MAX)
+    predicted = edge_map(torch.sigmoid(_fp32(logits))).clamp(EDGE_MIN, EDGE_MAX)
     target_edges = edge_map(target)  # BCE written out: F.binary_cross_entropy refuses autocast
     loss = -(target_edges * predicted.log() + (1.0 - target_edges) * (1.0 - predicted).log())
     return _masked_mean(loss, valid)

@@ -23,6 +23,7 @@ is refused unless the caller asks to overwrite, and so is any run while another 
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import fcntl
 import hashlib
@@ -43,8 +44,9 @@ import zarr
 from numcodecs import Blosc
 from rasterio.crs import CRS
 from zarr.codecs import BloscCodec
+from zarr.core.sync import sync as on_zarr_loop
 
-from geoprn.errors import InputError, OutputError
+from geoprn.errors import InputError, OutputError, WriteError
 from geoprn.files import write_text, writing
 from geoprn.raster import SceneInfo, check_threshold
 from geoprn.tiling import Block
@@ -291,9 +293,29 @@ def create(
         }
         for name in variables
     }
-    with writing(paths.zarr):
+    with writing_zarr(paths.zarr):
         ds.to_zarr(paths.zarr, mode="w", compute=False, zarr_format=zarr_format, encoding=encoding)
     paths.done.mkdir(parents=True, exist_ok=True)
+
+
+@contextlib.contextmanager
+def writing_zarr(path: Path) -> Iterator[None]:
+    """:func:`~geoprn.files.writing` for zarr's writes. When one of them fails, the others of the
+    same call still run on zarr's I/O loop (it gathers them without waiting for the rest):
+    wait for them to end, each moving or removing its temporary file, before the one-line error
+    is raised, so none is left behind to keep the disk full."""
+    try:
+        with writing(path):
+            yield
+    except WriteError:
+        on_zarr_loop(_zarr_writes_ended())
+        raise
+
+
+async def _zarr_writes_ended() -> None:
+    """Wait on zarr's I/O loop for all its other tasks (their failures are theirs to report)."""
+    others = asyncio.all_tasks() - {asyncio.current_task()}
+    await asyncio.gather(*others, return_exceptions=True)
 
 
 def write_block(paths: OutputPaths, block: Block, arrays: dict[str, np.ndarray]) -> None:
@@ -305,7 +327,7 @@ def write_block(paths: OutputPaths, block: Block, arrays: dict[str, np.ndarray])
     """
     rows, cols = slice(*block.rows), slice(*block.cols)
     for name, values in arrays.items():
-        with writing(paths.zarr / name):
+        with writing_zarr(paths.zarr / name):
             zarr.open_array(paths.zarr / name, mode="r+")[rows, cols] = values
 
 

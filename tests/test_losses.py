@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from geoprn.losses import (
+    EDGE_MIN,
     edge_map,
     masked_bce,
     masked_boundary,
@@ -43,13 +44,19 @@ def test_bce_by_hand_and_all_nodata_is_zero():
     assert masked_bce(logits, target, torch.zeros_like(target)).item() == 0.0
 
 
+def bf16(value: float) -> float:
+    """``value`` rounded to bf16."""
+    return torch.tensor(value).bfloat16().item()
+
+
 def test_edge_map_of_a_dot_and_of_flat_maps():
     dot = torch.zeros(1, 1, 5, 5)
     dot[0, 0, 2, 2] = 1.0
-    edges = edge_map(dot)[0, 0]
-    assert edges[2, 2].item() == pytest.approx(math.tanh(4.0))
+    edges = edge_map(dot)[0, 0]  # in bf16: tanh(4) rounds to 1, tanh(1) to 0.76171875
+    assert edges.dtype == torch.float32
+    assert edges[2, 2].item() == bf16(math.tanh(4.0)) == 1.0
     for y, x in ((1, 2), (3, 2), (2, 1), (2, 3)):
-        assert edges[y, x].item() == pytest.approx(math.tanh(1.0))
+        assert edges[y, x].item() == bf16(math.tanh(1.0)) == 0.76171875
     assert edges[0, 0].item() == 0.0 and edges[1, 1].item() == 0.0
     # replicate padding: a flat map has no edge anywhere, the tile border included
     assert edge_map(torch.ones(1, 1, 4, 4)).abs().max().item() == 0.0
@@ -59,16 +66,17 @@ def test_boundary_loss_by_hand():
     dot = torch.zeros(1, 1, 5, 5)
     dot[0, 0, 2, 2] = 1.0
     flat_logits = torch.zeros_like(dot)  # sigmoid 0.5 everywhere: no predicted edge (1e-6)
-    big = -math.log(1e-6)
-    centre, neighbour = math.tanh(4.0) * big, math.tanh(1.0) * big
+    big, small = -math.log(EDGE_MIN), -math.log(1.0 - EDGE_MIN)
+    bce = lambda t: t * big + (1.0 - t) * small  # noqa: E731
+    centre, neighbour = bce(bf16(math.tanh(4.0))), bce(bf16(math.tanh(1.0)))
     ones = torch.ones_like(dot)
     assert masked_boundary(flat_logits, dot, ones).item() == pytest.approx(
-        (centre + 4 * neighbour) / 25, rel=1e-3
+        (centre + 4 * neighbour + 20 * small) / 25, rel=1e-5
     )
     valid = ones.clone()
     valid[0, 0, 2, 2] = 0.0
     assert masked_boundary(flat_logits, dot, valid).item() == pytest.approx(
-        4 * neighbour / 24, rel=1e-3
+        (4 * neighbour + 20 * small) / 24, rel=1e-5
     )
     # a prediction whose edges match the target's costs far less than a flat one
     sharp = (dot * 2 - 1) * 20.0
@@ -88,6 +96,25 @@ def test_boundary_loss_is_finite_on_saturated_maps_under_bf16_autocast():
     assert torch.isfinite(loss)
     loss.backward()
     assert torch.isfinite(logits.grad).all()
+
+
+def test_boundary_loss_and_its_gradient_are_the_same_in_float32_and_under_bf16_autocast():
+    # the term PRN learns from must not depend on the machine's precision: bf16's edge maps
+    # (faint edges 0, no gradient) in both; exact edges' gradient swamped the others in float32
+    torch.manual_seed(0)
+    target = (torch.rand(2, 1, 32, 32) > 0.7).float()
+    logits = target * 4 - 2 + torch.randn_like(target)
+    ones = torch.ones_like(target)
+    results = []
+    for autocast in (False, True):
+        x = logits.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            loss = masked_boundary(x, target, ones)
+        loss.backward()
+        results.append((loss.detach(), x.grad))
+    (loss32, grad32), (loss16, grad16) = results
+    torch.testing.assert_close(loss16, loss32)
+    torch.testing.assert_close(grad16, grad32)
 
 
 def test_prn_loss_composition_and_nodata_gradient():

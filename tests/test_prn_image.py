@@ -8,10 +8,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import rasterio
+import torch
 import zarr
 
 from geoprn.errors import InputError
-from geoprn.inference import predict_array
+from geoprn.inference import auto_batch_size, predict_array
 from geoprn.models.checkpoint import DEFAULT_BASE, file_sha256, load_cached, read_header
 from geoprn.models.header import reads_image
 from geoprn.pipeline import refine
@@ -74,16 +75,18 @@ def test_refine_runs_it_on_the_probabilities_and_the_scene_pixels(
 ):
     """What refine writes from ``--probs`` is the PRN run window by window over those
     probabilities and the scene's own pixels (predict_array, no blocks, no Dask), as
-    prn_accuracy.py scores it; the image changes it."""
+    prn_accuracy.py scores it, bit for bit at the batch size refine used (1 on a CPU: fp32
+    convolutions of a batch of 8 differ in the last bit on some CPUs); the image changes it."""
     with rasterio.open(mass_scene) as scene:
         image = scene.read().astype(np.float32)
     prn = load_cached(str(image_prn), file_sha256(image_prn), "cpu")
-    expected = predict_array(prn, np.concatenate([runs["base"][None], image]))
+    batch = auto_batch_size(torch.device("cpu"))  # what refine's --batch-size auto ran
+    expected = predict_array(prn, np.concatenate([runs["base"][None], image]), batch_size=batch)
     np.testing.assert_array_equal(runs["from_probs"], expected)
     blind = predict_array(prn, np.concatenate([runs["base"][None], np.zeros_like(image)]))
     assert np.abs(blind - expected).max() > 1e-3  # it reads the image
     names = ["mass"]
-    again = refined_probabilities([runs["base"]], names, tmp_path / "c.zarr", image_prn, 4,
+    again = refined_probabilities([runs["base"]], names, tmp_path / "c.zarr", image_prn, batch,
                                   "cpu", images=[image])  # fmt: skip
     np.testing.assert_array_equal(again[0], expected)
     with pytest.raises(InputError, match="reads the image beside the probabilities"):
