@@ -108,7 +108,9 @@ def test_on_a_cluster_the_next_scene_starts_before_the_last_one_ends(scenes, mod
 
     from geoprn.batch import gather_scenes, refine_batch
 
-    sources = gather_scenes([str(scenes[n]) for n in ("north", "truncated", "south", "paris")])
+    # paris (14 small windows) runs beside north (20 large ones) once truncated has failed, and
+    # ends seconds before it: south must start then, not when north ends
+    sources = gather_scenes([str(scenes[n]) for n in ("paris", "truncated", "north", "south")])
     options = {"base": models["base"], "prn": models["prn"], "use_prn": True, "use_bpr": False,
                "block_size": 512, "device": "cpu"}  # fmt: skip
     with LocalCluster(
@@ -122,9 +124,10 @@ def test_on_a_cluster_the_next_scene_starts_before_the_last_one_ends(scenes, mod
     assert [r.status for r in one.scenes] == ["done", "failed", "done", "done"]
     assert "truncated" in rows["truncated"].reason
     north, south, paris = rows["north"], rows["south"], rows["paris"]
-    assert south.began < north.began + north.seconds  # two scenes were in flight at once
-    assert paris.began < max(north.began + north.seconds, south.began + south.seconds)
+    assert north.began < paris.began + paris.seconds  # two scenes were in flight at once
+    assert south.began < north.began + north.seconds  # the next began before north ended
     solo = {r.scene: r for r in one.scenes}
+    assert solo["north"].began >= solo["paris"].began + solo["paris"].seconds
     assert solo["south"].began >= solo["north"].began + solo["north"].seconds
     for name in ("north", "south", "paris"):
         together, alone = _arrays(tmp_path / "both", name), _arrays(tmp_path / "one", name)
