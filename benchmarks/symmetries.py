@@ -1,6 +1,7 @@
-"""What the base model's symmetry averaging costs: ``refine`` end to end on one scene with the
-base model alone in one pass, with the PRN (the default before averaging), and averaged over
-4 and 8 window symmetries (``--symmetries``; 8 is the default now), side by side.
+"""What the base model's symmetry averaging and the PRN cost: ``refine`` end to end on one scene
+with the base model alone in one pass, with the PRN after it, averaged over 4 and 8 window
+symmetries (``--symmetries``), and averaged over 8 with the PRN after it (the default now),
+side by side.
 
 The runs take turns, ``--repeats`` times; each prints its median seconds (and spread), scene
 tiles/s (the scene's area in 512 x 512 tiles over the seconds), km²/h at 0.5 m/px (0.0655 km²
@@ -27,11 +28,12 @@ from geoprn.raster import open_scene
 
 RUNS = {
     "base, 1 pass": {"symmetries": 1, "use_prn": False, "use_bpr": False},
-    "base + PRN (the default before)": {"symmetries": 1, "use_prn": True, "use_bpr": False},
+    "base + PRN, 1 pass": {"symmetries": 1, "use_prn": True, "use_bpr": False},
     "base, 4 symmetries": {"symmetries": 4, "use_prn": False, "use_bpr": False},
-    "base, 8 symmetries (the default)": {"symmetries": 8, "use_prn": False, "use_bpr": False},
+    "base, 8 symmetries": {"symmetries": 8, "use_prn": False, "use_bpr": False},
+    "base, 8 symmetries + PRN (the default)": {"symmetries": 8, "use_prn": True, "use_bpr": False},
 }
-DEFAULT = "base, 8 symmetries (the default)"
+DEFAULT = "base, 8 symmetries + PRN (the default)"
 TILE_KM2 = 512 * 512 * 0.5**2 / 1e6
 
 
