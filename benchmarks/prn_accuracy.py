@@ -29,6 +29,7 @@ gain's interval is above zero), at the PRN's tuned threshold, which it records t
 --threshold auto`` binarises at it); then BPR's, at 0.5 (BPR sees the previous stage's
 probabilities recentred at its cut-off): after the PRN it was trained on, over that PRN at
 its cut-off (what runs without BPR), else right after the base model, over the base at 0.5.
+``--record-bpr`` stores BPR's alone.
 
     python benchmarks/prn_accuracy.py                       # shipped weights, the three sets
     python benchmarks/prn_accuracy.py --base B --prn P --bpr none --record
@@ -370,12 +371,18 @@ def main() -> None:
     parser.add_argument(
         "--record", action="store_true", help="store the gain over all places in the checkpoints"
     )
+    parser.add_argument(
+        "--record-bpr", action="store_true",
+        help="store BPR's gain alone; the base model's and the PRN's records stay as they are",
+    )  # fmt: skip
     args = parser.parse_args()
     prns = [] if args.prn == ["none"] else args.prn or [str(DEFAULT_PRN)]
     if not prns and args.bpr != "none":
         parser.error("--prn none needs --bpr none (BPR runs after the first PRN)")
-    if args.split != "test" and args.record:
+    if args.split != "test" and (args.record or args.record_bpr):
         parser.error("--record measures on test places only")
+    if args.record_bpr and args.bpr == "none":
+        parser.error("--record-bpr needs a BPR")
     rules = args.rules.split(",")
     args.device = resolve_device(args.device)
     started = time.perf_counter()
@@ -416,7 +423,7 @@ def main() -> None:
         record_gain(args.base, base_gain, tuned[f"base, {args.symmetries} symmetries"],
                     args.symmetries)  # fmt: skip
         print(f"recorded in {args.base} ({averaged}): `geoprn info {args.base}`")
-    if args.record and prns:
+    if (args.record or args.record_bpr) and prns:
         base_sha, scored_sha = file_sha256(args.base), file_sha256(prns[0])
         rule = read_header(prns[0], "prn")["arguments"].get("rule", "mean")
         tag = "PRN" if len(prns) == 1 else f"PRN {Path(prns[0]).stem}"
@@ -424,8 +431,11 @@ def main() -> None:
         if tau is not None:  # refine --threshold auto binarises at it: the gain recorded
             row = f"{row} @ {tau:.2f}, tuned on its held-out val places"
         over = averaged if args.symmetries > 1 else "base @ 0.5"  # what runs without it
-        record_gain(prns[0], gain_record(everything, row, sets, args, base_sha, None, over), tau)
-        print(f"recorded in {prns[0]} ({row}): `geoprn info {prns[0]}`")
+        if args.record:
+            record_gain(
+                prns[0], gain_record(everything, row, sets, args, base_sha, None, over), tau
+            )
+            print(f"recorded in {prns[0]} ({row}): `geoprn info {prns[0]}`")
         if args.bpr != "none":  # over what runs without it, after the chain it trained on
             prn_sha = file_sha256(prns[0])  # recording rewrote the PRN's header: its new hash
             after_prn = (read_header(args.bpr, "bpr").get("prn") or {}).get("sha256") in (

@@ -27,7 +27,7 @@ REQUIRED = ("kind", "architecture", "arguments", "bands", "tile_size")
 WEIGHTS_DIR = Path(__file__).parents[1] / "weights"
 DEFAULT_BASE = WEIGHTS_DIR / "base_all_sets_512.safetensors"
 DEFAULT_PRN = WEIGHTS_DIR / "prn_rgb_512.safetensors"
-DEFAULT_BPR = WEIGHTS_DIR / "bpr_all3.safetensors"
+DEFAULT_BPR = WEIGHTS_DIR / "bpr_512.safetensors"
 """The shipped weights used when no checkpoint is given (geoprn/weights/README.md): the base
 model trained on every labelled set, its weights a moving average, last trained on 384 px
 crops (its checkpoint records that it runs averaged over 8 window symmetries, and its
