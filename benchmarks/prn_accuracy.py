@@ -93,15 +93,21 @@ def add_probability_options(parser: argparse.ArgumentParser, split: str) -> None
     parser.add_argument(
         "--cache",
         help="Zarr cache of the base and PRN probabilities, reused by later runs (default: "
-        "geoprn-accuracy-<base hash>.zarr in the temporary folder: one per base model)",
+        "geoprn-accuracy-<base hash>.zarr in the temporary folder: one per base model); "
+        "maps averaged over N symmetries go beside it (<name>-sN.zarr for <name>.zarr)",
     )
 
 
 def cache_path(args: argparse.Namespace) -> str:
     """``--cache``, or the default cache of ``--base``: a cache holds one base model's
-    probabilities, so another base gets its own instead of replacing it."""
-    tag = file_sha256(args.base)[:12] + f"-s{args.symmetries}" * (args.symmetries > 1)
-    return args.cache or str(Path(tempfile.gettempdir()) / f"geoprn-accuracy-{tag}.zarr")
+    probabilities in one pass or averaged over one number of symmetries, so another base,
+    or the same base's other map, gets its own instead of replacing it."""
+    averaged = f"-s{args.symmetries}" * (args.symmetries > 1)
+    if args.cache:
+        given = Path(args.cache)
+        return str(given.with_name(given.stem + averaged + given.suffix))
+    tag = file_sha256(args.base)[:12] + averaged
+    return str(Path(tempfile.gettempdir()) / f"geoprn-accuracy-{tag}.zarr")
 
 
 def labelled_probabilities(args: argparse.Namespace, splits: list[str]):
