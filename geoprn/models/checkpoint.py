@@ -29,13 +29,13 @@ DEFAULT_BASE = WEIGHTS_DIR / "base_all_sets_512.safetensors"
 DEFAULT_PRN = WEIGHTS_DIR / "prn_rgb_512.safetensors"
 DEFAULT_BPR = WEIGHTS_DIR / "bpr_512.safetensors"
 """The shipped weights used when no checkpoint is given (geoprn/weights/README.md): the base
-model trained on every labelled set, its weights a moving average, last trained on 384 px
+model trained on every labelled set, its weights a moving average, last trained on 512 px
 crops (its checkpoint records that it runs averaged over 8 window symmetries, and its
-cut-off; since 2026-12-06), the PRN trained for its averaged map, and the BPR trained for
-the one-pass map of ``base_all_sets_3`` (the base before it) and its PRN. They replaced the
-Massachusetts-only ``base_default`` and ``prn_default`` on 2026-12-03
-(``benchmarks/default_pair.py``). A refiner runs by default only if its recorded gain
-qualifies for the base in use (:func:`geoprn.gain.qualifies`); neither does now."""
+cut-off), the PRN trained for its averaged map, and the BPR trained on boxes of that map
+refined by that PRN. They replaced the Massachusetts-only ``base_default`` and
+``prn_default`` on 2026-12-03 (``benchmarks/default_pair.py``). A refiner runs by default
+only if its recorded gain qualifies for the base in use (:func:`geoprn.gain.qualifies`): the
+PRN does, the BPR (a recorded loss) does not."""
 
 
 def build_network(meta: dict[str, Any]) -> torch.nn.Module:
