@@ -386,7 +386,7 @@ def main() -> None:
     if not prns and args.bpr != "none":
         parser.error("--prn none needs --bpr none (BPR runs after the first PRN)")
     if args.split != "test" and (args.record or args.record_bpr):
-        parser.error("--record measures on test places only")
+        parser.error(f"--record{'-bpr' * args.record_bpr} measures on test places only")
     if args.record_bpr and args.bpr == "none":
         parser.error("--record-bpr needs a BPR")
     rules = args.rules.split(",")
