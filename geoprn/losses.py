@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from segmentation_models_pytorch.losses import LovaszLoss
 
 
 def _fp32(t: torch.Tensor) -> torch.Tensor:
@@ -38,11 +39,31 @@ def masked_soft_dice(
     return 1.0 - (2.0 * intersection + smooth) / (prob.sum() + target.sum() + smooth)
 
 
+IGNORED = -1
+"""The label nodata pixels take for :class:`LovaszLoss`, which leaves them out."""
+
+_lovasz = LovaszLoss("binary", per_image=True, ignore_index=IGNORED)
+
+
+def masked_lovasz(logits: torch.Tensor, target: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Lovász hinge (Berman et al. 2018), a surrogate of each crop's road IoU, over valid pixels."""
+    labels = torch.where(valid > 0, _fp32(target), torch.full_like(_fp32(target), IGNORED))
+    return _lovasz(_fp32(logits), labels)
+
+
 def base_loss(
-    logits: torch.Tensor, target: torch.Tensor, valid: torch.Tensor, dice_weight: float = 1.0
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    valid: torch.Tensor,
+    dice_weight: float = 1.0,
+    lovasz_weight: float = 0.0,
 ) -> torch.Tensor:
-    """The base model's loss: masked BCE + ``dice_weight`` x masked soft Dice."""
-    return masked_bce(logits, target, valid) + dice_weight * masked_soft_dice(logits, target, valid)
+    """The base model's loss: masked BCE + ``dice_weight`` x masked soft Dice, plus
+    ``lovasz_weight`` x the masked Lovász hinge where that weight is above 0."""
+    loss = masked_bce(logits, target, valid) + dice_weight * masked_soft_dice(logits, target, valid)
+    if lovasz_weight > 0:
+        loss = loss + lovasz_weight * masked_lovasz(logits, target, valid)
+    return loss
 
 
 def masked_focal(

@@ -1,4 +1,4 @@
-"""PRN's loss terms on small hand-computed cases; nodata pixels count for nothing."""
+"""The training losses on small hand-computed cases; nodata pixels count for nothing."""
 
 from __future__ import annotations
 
@@ -6,16 +6,23 @@ import math
 
 import pytest
 import torch
+import yaml
 
+from geoprn.errors import InputError
 from geoprn.losses import (
     EDGE_MIN,
+    base_loss,
     edge_map,
     masked_bce,
     masked_boundary,
     masked_focal,
+    masked_lovasz,
+    masked_soft_dice,
     prn_branch_loss,
     prn_loss,
 )
+from geoprn.train import load_config
+from tests.conftest import REPO, SMALL_BASE_RECIPE
 
 
 def maps(*values: float) -> torch.Tensor:
@@ -42,6 +49,46 @@ def test_bce_by_hand_and_all_nodata_is_zero():
     expected = (math.log(2) + -math.log(0.25)) / 2
     assert masked_bce(logits, target, torch.ones_like(target)).item() == pytest.approx(expected)
     assert masked_bce(logits, target, torch.zeros_like(target)).item() == 0.0
+
+
+def test_lovasz_by_hand_per_crop_and_nodata_left_out():
+    # hinge errors 1 - logit x sign: 0.5 on the road pixel, 1 on the background one. Sorted,
+    # the Jaccard loss of {background wrong} is 1 - 1/2 and of both wrong 1, so the Lovász
+    # extension is 1 x 0.5 + 0.5 x (1 - 0.5) = 0.75
+    logits, target, ones = maps(0.5, 0.0), maps(1.0, 0.0), maps(1.0, 1.0)
+    assert masked_lovasz(logits, target, ones).item() == pytest.approx(0.75)
+    # a nodata pixel, whatever its logit and label, changes nothing
+    valid = maps(1.0, 1.0, 0.0)
+    assert masked_lovasz(maps(0.5, 0.0, 9.0), maps(1.0, 0.0, 0.0), valid).item() == pytest.approx(
+        0.75
+    )
+    # one loss per crop, averaged: a crop predicted right (hinge errors below 0) adds 0
+    right = torch.cat([logits, maps(2.0, -2.0)])
+    assert masked_lovasz(right, torch.cat([target, target]), torch.cat([ones, ones])).item() == (
+        pytest.approx(0.75 / 2)
+    )
+
+
+def test_base_loss_adds_the_lovasz_hinge_only_when_weighted():
+    torch.manual_seed(0)
+    logits = torch.randn(2, 1, 8, 8)
+    target = (torch.rand(2, 1, 8, 8) > 0.7).float()
+    valid = torch.ones_like(target)
+    bce_dice = masked_bce(logits, target, valid) + 0.5 * masked_soft_dice(logits, target, valid)
+    assert base_loss(logits, target, valid, 0.5).item() == pytest.approx(bce_dice.item())
+    with_lovasz = base_loss(logits, target, valid, 0.5, lovasz_weight=2.0).item()
+    expected = bce_dice.item() + 2.0 * masked_lovasz(logits, target, valid).item()
+    assert with_lovasz == pytest.approx(expected)
+
+
+def test_recipes_weigh_the_lovasz_hinge(tmp_path):
+    assert load_config("base_unet_mnv2")["lovasz_weight"] == 0.0  # off in the shipped recipe
+    research = REPO / "benchmarks" / "research" / "base_unet_mnv2_lovasz.yaml"
+    assert load_config(research)["lovasz_weight"] == 1.0
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump({**SMALL_BASE_RECIPE, "lovasz_weight": -1}))
+    with pytest.raises(InputError, match="lovasz_weight"):
+        load_config(path)
 
 
 def bf16(value: float) -> float:

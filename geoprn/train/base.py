@@ -153,11 +153,11 @@ def train_base(
     model = Predictor(build_base(config["architecture"], config["arguments"]), meta)
     if init is not None:
         model.net.load_state_dict(load_model(init, "base").net.state_dict())
-    dice_weight = float(config["dice_weight"])
+    dice_weight, lovasz_weight = float(config["dice_weight"]), float(config["lovasz_weight"])
 
     def loss(model: Predictor, batch: list[torch.Tensor]) -> torch.Tensor:
         image, label, valid = batch
-        return base_loss(model.logits(image), label, valid, dice_weight)
+        return base_loss(model.logits(image), label, valid, dice_weight, lovasz_weight)
 
     def validate(model: Predictor, autocast) -> float:
         window, batch = int(config["tile_size"]), int(config["val_batch"])

@@ -44,6 +44,8 @@ class Recipe(pydantic.BaseModel):
     lr_factor: Annotated[float, Field(gt=0, lt=1)] = 0.5
     min_lr: Annotated[float, Field(ge=0, allow_inf_nan=False)] = 1e-6
     dice_weight: Annotated[float, Field(ge=0, allow_inf_nan=False)] = 1.0
+    lovasz_weight: Annotated[float, Field(ge=0, allow_inf_nan=False)] = 0.0
+    """Weight of the Lovász hinge in a base model's loss (0: BCE + Dice alone)."""
     ema_decay: Annotated[float, Field(ge=0, lt=1)] = 0.0
     """Validate and keep an exponential moving average of the weights (0: the weights)."""
     val_batch: PositiveInt = 4
