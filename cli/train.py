@@ -184,6 +184,12 @@ def train() -> None:
     help="Pixels whose bands all equal this value are nodata; 'none' turns that off "
     "(default: the config's).",
 )
+@click.option(
+    "--lovasz-weight",
+    type=float,
+    help="Add the Lovász hinge of each crop (a surrogate of its road IoU) to the loss with "
+    "this weight, e.g. 1 (default: the config's, 0: BCE + Dice alone).",
+)
 @INIT_OPTION
 def base(tiles, output, config_name, nodata, val_tiles, **options) -> None:
     """Train a base segmentation model on TILES and save its best weights to OUTPUT.
@@ -194,7 +200,10 @@ def base(tiles, output, config_name, nodata, val_tiles, **options) -> None:
     <stem>_roads.<ext> beside an image is found too.
     """
     overrides = {k: options.pop(k) for k in OVERRIDES}
-    config = load_config(config_name, lr=options.pop("lr"), nodata=nodata, **overrides)
+    lovasz_weight = options.pop("lovasz_weight")
+    config = load_config(
+        config_name, lr=options.pop("lr"), nodata=nodata, lovasz_weight=lovasz_weight, **overrides
+    )
     if nodata == "none":
         config["nodata"] = None
     _run(train_base, "train base", tiles, output, config, val_tiles=val_tiles or None, **options)

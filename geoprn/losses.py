@@ -47,8 +47,7 @@ _lovasz = LovaszLoss("binary", per_image=True, ignore_index=IGNORED)
 
 def masked_lovasz(logits: torch.Tensor, target: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     """Lovász hinge (Berman et al. 2018), a surrogate of each crop's road IoU, over valid pixels."""
-    labels = torch.where(valid > 0, _fp32(target), torch.full_like(_fp32(target), IGNORED))
-    return _lovasz(_fp32(logits), labels)
+    return _lovasz(_fp32(logits), _fp32(target).masked_fill(valid <= 0, IGNORED))
 
 
 def base_loss(

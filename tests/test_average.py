@@ -3,6 +3,8 @@ and keeps it, and that a resumed run continues it."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -12,7 +14,8 @@ from safetensors.torch import load_file
 from torch import nn
 
 from geoprn.errors import CheckpointError, InputError
-from geoprn.train import load_config, state_path, train_base
+from geoprn.models.checkpoint import read_header
+from geoprn.train import export_checkpoint, load_config, state_path, train_base
 from geoprn.train.average import MovingAverage
 from geoprn.train.state import load_state
 from tests.conftest import MASS_TRAIN, NEEDS_TRAIN_DATA, SMALL_BASE_RECIPE, crop_tiles
@@ -84,6 +87,22 @@ def test_training_keeps_and_resumes_the_average(tmp_path):
     # the checkpoint holds the validated average, not the weights of the last step
     assert all(torch.equal(saved[k].float(), averaged[k].float()) for k in saved)
     assert any(not torch.equal(averaged[k].float(), own[k].float()) for k in saved)
+
+    # the research script writes the state's average as a checkpoint with the run's header
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "research" / "export_average.py"
+    exported = tmp_path / "average.safetensors"
+    for _ in range(2):  # the second time it refuses to overwrite, in one line
+        done = subprocess.run(
+            [sys.executable, str(script), str(capped), str(exported)],
+            capture_output=True,
+            text=True,
+        )
+    assert done.returncode == 2 and done.stderr.strip().endswith("exists; choose another name")
+    assert all(torch.equal(load_file(str(exported))[k], averaged[k].half()) for k in saved)
+    assert read_header(exported)["trained_on"] == read_header(capped)["trained_on"]
+    # export_checkpoint writes the weights it is given in place of the checkpoint's own
+    mine = export_checkpoint(capped, tmp_path / "own.safetensors", half=False, weights=own)
+    assert all(torch.equal(load_file(str(mine))[k], own[k]) for k in saved)
 
     resumed = train(capped, resume=True)
     straight = train(tmp_path / "straight.safetensors")

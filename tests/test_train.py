@@ -231,6 +231,12 @@ def test_cli_refuses_to_overwrite_and_bad_config(tmp_path):
     assert_one_line_error(result, lines, "nothing to resume")
     result, lines = invoke(str(MASS), "-o", str(tmp_path / "n.safetensors"), "--config", "nope")
     assert_one_line_error(result, lines, "config nope not found")
+    result, lines = invoke(
+        str(MASS), "-o", str(tmp_path / "n.safetensors"), "--lovasz-weight", "-1"
+    )
+    assert_one_line_error(
+        result, lines, "lovasz_weight: Input should be greater than or equal to 0"
+    )
 
 
 def test_cli_trains_and_resumes(tiles, tmp_path):

@@ -8,12 +8,11 @@ checkpoint is still its ``--init`` on more than the loop's validation figure.
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
-from geoprn.models.checkpoint import load_model, save_checkpoint
-from geoprn.train import state_path
-from geoprn.train.state import load_state
-
-KEPT_BY_SAVE = ("format", "format_version", "geoprn_version", "created")
+from geoprn.errors import GeoprnError
+from geoprn.train import export_checkpoint, state_path
+from geoprn.train.state import read_state
 
 
 def main() -> None:
@@ -21,17 +20,19 @@ def main() -> None:
     parser.add_argument("run", help="the run's checkpoint (-o of train); its state lies beside it")
     parser.add_argument("output")
     args = parser.parse_args()
-    state = load_state(state_path(args.run))
-    if not state.get("average"):
-        parser.error("the run's state holds no moving average (trained without --ema-decay)")
-    model = load_model(args.run)
-    weights = state["average"]["weights"]
-    model.net.load_state_dict({name: weights[name] for name in model.net.state_dict()})
-    meta = {k: v for k, v in model.geoprn_meta.items() if k not in KEPT_BY_SAVE}
-    save_checkpoint(model, meta, args.output, half=True)
+    if Path(args.output).exists():
+        parser.error(f"{args.output} exists; choose another name")
+    try:
+        state = read_state(state_path(args.run))
+        if not state.get("average"):
+            raise GeoprnError("its state holds no moving average (trained without --ema-decay)")
+        export_checkpoint(args.run, args.output, weights=state["average"]["weights"])
+    except (GeoprnError, OSError) as exc:
+        parser.error(f"{args.run}: {exc}")
+    last = state["history"][-1]
     print(
-        f"{args.output}: the average of epoch {state['epoch']} (val road IoU "
-        f"{state['history'][-1]['val_road_iou']:.4f})"
+        f"{args.output}: the average of epoch {last['epoch']} (val road IoU "
+        f"{last['val_road_iou']:.4f})"
     )
 
 

@@ -456,9 +456,18 @@ def check_init(init: str | Path, config: dict[str, Any], kind: str = "prn") -> d
     return header
 
 
-def export_checkpoint(src: str | Path, dst: str | Path, half: bool = True) -> Path:
-    """Rewrite a checkpoint (e.g. as float16 for shipping); the header is kept as it is."""
+def export_checkpoint(
+    src: str | Path,
+    dst: str | Path,
+    half: bool = True,
+    weights: dict[str, torch.Tensor] | None = None,
+) -> Path:
+    """Rewrite a checkpoint (e.g. as float16 for shipping); the header is kept as it is.
+    ``weights``: the network's weights to write instead of the checkpoint's own (e.g. the
+    moving average a training state holds)."""
     model = load_model(src)
+    if weights is not None:
+        model.net.load_state_dict(weights)
     meta = {k: v for k, v in model.geoprn_meta.items() if k not in ("format", "created")}
     meta.pop("format_version", None)
     meta.pop("geoprn_version", None)
