@@ -99,17 +99,18 @@ def evaluate(
     the base model's row beside the refined one when a folder holds both.
     """
     from geoprn import evaluate as ev  # numpy, shapely and zarr load only when needed
+    from geoprn import evaluate_inputs as inputs
 
     outputs = [_path(csv_path), _path(json_path), _path(report)]
     ev.check_outputs(outputs, overwrite)
     settings = ev.Settings(threshold, road_width, buffer_m, block_size=block_size, chip_m=chip_m)
     evaluations = []
     for path in predictions:
-        prediction = ev.open_prediction(path)
+        prediction = inputs.open_prediction(path)
         if image is not None:
-            prediction.image = ev.check_image(image, prediction.grid)
-        ev.warn_if_no_crs(prediction.grid)
-        truth = ev.open_labels(labels, prediction.grid, road_width)
+            prediction.image = inputs.check_image(image, prediction.grid)
+        inputs.warn_if_no_crs(prediction.grid)
+        truth = inputs.open_labels(labels, prediction.grid, road_width)
         with progress_bar(desc=prediction.name, unit="part", leave=False) as bar:
 
             def progress(done: int, total: int, bar=bar) -> None:

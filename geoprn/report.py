@@ -24,7 +24,6 @@ from geoprn.evaluate import (
     METRICS,
     Evaluation,
     Settings,
-    open_raster,
     percent,
     predicted_lines,
     reference_lines,
@@ -32,6 +31,7 @@ from geoprn.evaluate import (
 )
 from geoprn.metrics import Confusion
 from geoprn.quicklook import NODATA, ROAD, _stretch
+from geoprn.raster import open_raster
 from geoprn.tiling import Block
 
 PANEL_SIDE = 400

@@ -18,15 +18,8 @@ from skimage.morphology import disk
 from geoprn import metrics
 from geoprn.cli.main import cli
 from geoprn.errors import InputError
-from geoprn.evaluate import (
-    Grid,
-    Settings,
-    evaluate,
-    format_table,
-    open_labels,
-    open_prediction,
-    results_table,
-)
+from geoprn.evaluate import Settings, evaluate, format_table, results_table
+from geoprn.evaluate_inputs import Grid, open_labels, open_prediction
 from tests.conftest import SAMPLE_SCENE, SHARED_DATA, write_raster
 from tests.test_cli import assert_one_line_error
 

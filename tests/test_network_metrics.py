@@ -11,7 +11,7 @@ import shapely
 from scipy.spatial import cKDTree
 from shapely import LineString
 
-from geoprn.evaluate import Grid, open_labels
+from geoprn.evaluate_inputs import Grid, open_labels
 from geoprn.network_metrics import LengthCounts, apls, length_counts
 from tests.conftest import SAMPLE_SCENE, SHARED_DATA
 

@@ -15,7 +15,8 @@ from PIL import Image
 from scipy import ndimage
 
 from geoprn import store
-from geoprn.evaluate import Settings, evaluate, open_labels, open_prediction, results_table
+from geoprn.evaluate import Settings, evaluate, results_table
+from geoprn.evaluate_inputs import open_labels, open_prediction
 from geoprn.raster import open_scene
 from geoprn.report import PANEL_SIDE, pick_blocks, render
 from geoprn.tiling import Block
