@@ -19,7 +19,9 @@ one pass, then come the averaged map at 0.5 and at the one threshold best on eve
 of the sets scored, and the refiner, BPR and oracle rows run on the averaged map. ``--record``
 then also stores that gain, the symmetries and that cut-off in the base model's checkpoint
 (``refine --symmetries auto`` and ``--threshold auto`` read them), and a PRN's gain over the
-averaged map at its cut-off (what runs without the PRN).
+averaged map at its cut-off (what runs without the PRN). Each refiner's gain over that map,
+place by place, is printed too. ``--prn-symmetries N`` averages each PRN over N window
+symmetries as well (a research option: ``refine`` runs a PRN once, so it cannot be recorded).
 
 The sets are scored alone and pooled (``massachusetts + massachusetts_crops``, the issue's
 target). Probabilities are computed as ``refine`` computes them (overlapping 512 windows,
@@ -224,6 +226,7 @@ class SetScores:
                 refined = refined_probabilities(
                     probs, names, cache_path(args), ruled,
                     args.batch_size, args.device, args.precision, [t.image for t in test],
+                    args.prn_symmetries,
                 )  # fmt: skip
                 row = f"base + {tag} ({rule})"
                 rows[row] = per_place([r > 0.5 for r in refined], test)
@@ -231,7 +234,7 @@ class SetScores:
                 on_val = refined_probabilities(
                     [val_probs[i] for i in kept], [val[i].name for i in kept], cache_path(args),
                     ruled, args.batch_size, args.device, args.precision,
-                    [val[i].image for i in kept],
+                    [val[i].image for i in kept], args.prn_symmetries,
                 )  # fmt: skip
                 self.held_out[row] = np.stack([
                     per_place([r > t for r in on_val], [val[i] for i in kept])[0].sum(0)
@@ -373,6 +376,10 @@ def main() -> None:
         "--prn", action="append", help="repeatable (default: the shipped PRN); 'none': no PRN row"
     )
     parser.add_argument("--rules", default="mean,union", help="PRN branch rules to score")
+    parser.add_argument(
+        "--prn-symmetries", type=int, choices=SYMMETRIES, default=1,
+        help="average each PRN over this many window symmetries too",
+    )  # fmt: skip
     parser.add_argument("--bpr", default=str(DEFAULT_BPR), help="'none' leaves the BPR rows out")
     parser.add_argument(
         "--record", action="store_true", help="store the gain over all places in the checkpoints"
@@ -387,6 +394,8 @@ def main() -> None:
         parser.error("--prn none needs --bpr none (BPR runs after the first PRN)")
     if args.split != "test" and (args.record or args.record_bpr):
         parser.error(f"--record{'-bpr' * args.record_bpr} measures on test places only")
+    if args.record and args.prn_symmetries > 1:
+        parser.error("--record stores what refine runs: a PRN in one pass (no --prn-symmetries)")
     if args.record_bpr and args.bpr == "none":
         parser.error("--record-bpr needs a BPR")
     rules = args.rules.split(",")
@@ -402,7 +411,8 @@ def main() -> None:
         f"{args.split} places: "
         + ", ".join(f"{name} {s.places}" for name, s in sets.items())
         + f"; base {Path(args.base).name}, PRN {', '.join(Path(p).name for p in prns) or 'none'}"
-        f", BPR {Path(args.bpr).name}; device {args.device}, "
+        + f" (× {args.prn_symmetries} symmetries)" * (args.prn_symmetries > 1)
+        + f", BPR {Path(args.bpr).name}; device {args.device}, "
         f"{autocast_dtype(args.device, args.precision) or 'fp32'}; "
         f"{time.perf_counter() - started:.0f} s"
     )
@@ -424,6 +434,11 @@ def main() -> None:
     averaged = f"base, {args.symmetries} symmetries"
     if averaged in tuned:
         averaged = f"{averaged} @ {tuned[averaged]:.2f}, tuned on its held-out val places"
+        if prns:  # each refiner place by place against what runs without it
+            if all(name in sets for name in POOLED):
+                title = f"**{' + '.join(POOLED)}, over the averaged map**"
+                print_table(title, concat([sets[n] for n in POOLED]), averaged)
+            print_table(f"**all {len(sets)} sets, over the averaged map**", everything, averaged)
     if args.record and args.symmetries > 1:  # the base model's map as refine makes it
         base_gain = gain_record(everything, averaged, sets, args, file_sha256(args.base), None)
         record_gain(args.base, base_gain, tuned[f"base, {args.symmetries} symmetries"],

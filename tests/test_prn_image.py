@@ -93,6 +93,28 @@ def test_refine_runs_it_on_the_probabilities_and_the_scene_pixels(
         refined_probabilities([runs["base"]], names, tmp_path / "d.zarr", image_prn, 4, "cpu")
 
 
+def test_its_maps_averaged_over_symmetries_are_cached_apart(image_prn, runs, mass_scene, tmp_path):
+    """``refined_probabilities(symmetries=4)`` (``prn_accuracy.py --prn-symmetries``) is the
+    PRN averaged over 4 symmetries of each window, and the cache keeps it apart from the PRN
+    in one pass."""
+    from geoprn.models.predictor import SymmetryMean
+
+    with rasterio.open(mass_scene) as scene:
+        image = scene.read().astype(np.float32)
+    prn = load_cached(str(image_prn), file_sha256(image_prn), "cpu")
+    stacked = np.concatenate([runs["base"][None], image])
+    cache, names = tmp_path / "c.zarr", ["mass"]
+    one = refined_probabilities([runs["base"]], names, cache, image_prn, 4, "cpu", images=[image])
+    four = refined_probabilities(
+        [runs["base"]], names, cache, image_prn, 4, "cpu", images=[image], symmetries=4
+    )
+    np.testing.assert_array_equal(one[0], predict_array(prn, stacked, batch_size=4))
+    np.testing.assert_array_equal(
+        four[0], predict_array(SymmetryMean(prn, 4), stacked, batch_size=4)
+    )
+    assert np.abs(four[0] - one[0]).max() > 1e-3
+
+
 def test_the_base_models_run_matches_and_bpr_runs_after_it(
     image_prn, runs, mass_scene, models, tmp_path
 ):

@@ -125,10 +125,12 @@ def refined_probabilities(
     device: torch.device | str = "cpu",
     precision: str = "auto",
     images: Sequence[np.ndarray] | None = None,
+    symmetries: int = 1,
 ) -> list[np.ndarray]:
     """A PRN's probabilities on tiles, from their base probabilities (and their ``images``,
     raw bands, for a PRN that reads the image), cached in the Zarr group of
-    :func:`base_probabilities` (a different PRN file gets its own entries).
+    :func:`base_probabilities` (a different PRN file gets its own entries); with
+    ``symmetries``, averaged over that many symmetries of each window, as the base model.
 
     Returns:
         One (H, W) float32 array per tile.
@@ -140,12 +142,14 @@ def refined_probabilities(
         raise InputError(f"{prn} reads the image beside the probabilities: give the images")
     sha = file_sha256(prn)
     model = load_cached(str(Path(prn).resolve()), sha, str(device))
+    model = model if symmetries == 1 else SymmetryMean(model, symmetries)
+    tag = _dtype_tag(device, precision) + (f"_s{symmetries}" * (symmetries > 1))
     group = zarr.open_group(str(cache), mode="a")
     images = images if with_image else [None] * len(base_probs)
     return [
         _cached(
             group,
-            f"refined_{sha[:16]}{_dtype_tag(device, precision)}/{name}",
+            f"refined_{sha[:16]}{tag}/{name}",
             lambda p=probs, i=image: predict_array(
                 model, prn_input(p, i, with_image), 512, 64, batch_size, device, precision
             ),
