@@ -39,7 +39,7 @@ from geoprn.inference import (
 from geoprn.models.bpr import BoundaryRefiner
 from geoprn.models.checkpoint import load_cached
 from geoprn.models.header import reads_image
-from geoprn.models.predictor import SymmetryMean
+from geoprn.models.predictor import averaged_over
 from geoprn.quicklook import sample_block, sampling_step, save_piece, shown_bands
 from geoprn.raster import (
     open_raster,
@@ -257,7 +257,7 @@ def stage_model(
     meta = models[-1].geoprn_meta
     if meta["kind"] != "bpr":
         model = load_cached(refs[0].path, refs[0].sha256, device, True) if compiled else models[0]
-        return model if symmetries == 1 else SymmetryMean(model, symmetries)
+        return averaged_over(model, symmetries)
     before = models[0] if len(models) == 2 else None
     box, size, nms = meta["box"], meta["input_size"], meta["nms_iou"]
     return BoundaryRefiner(models[-1], before, box, size, nms, cut_off=bpr_cut_off)

@@ -97,3 +97,8 @@ class SymmetryMean(nn.Module):
         for k in range(1, self.n):
             total += symmetry(self.model(symmetry(x, k)), inverse(k)).float()
         return total / self.n
+
+
+def averaged_over(model: nn.Module, n: int) -> nn.Module:
+    """``model`` averaged over ``n`` window symmetries (:class:`SymmetryMean`); itself for 1."""
+    return model if n == 1 else SymmetryMean(model, n)

@@ -32,7 +32,7 @@ from geoprn.models.checkpoint import (
     rewrite_header,
 )
 from geoprn.models.header import reads_image
-from geoprn.models.predictor import Predictor, SymmetryMean
+from geoprn.models.predictor import Predictor, averaged_over
 from geoprn.models.prn import PatchRefineNet
 from geoprn.pseudo_labels import THRESHOLDS, patch_optimal_labels
 from geoprn.train.loop import Progress, Run, check_init, choose_split, fit, open_state, split_record
@@ -78,9 +78,9 @@ def base_probabilities(
     if base is not None:  # checked before the cache is touched: a wrong file wipes nothing
         read_header(base, "base")
         sha = file_sha256(base)
-        source = sha + _dtype_tag(device, precision) + (f"_s{symmetries}" * (symmetries > 1))
+        source = sha + _cache_tag(device, precision, symmetries)
         model = load_cached(str(Path(base).resolve()), sha, str(device))  # as refine runs it
-        model = model if symmetries == 1 else SymmetryMean(model, symmetries)
+        model = averaged_over(model, symmetries)
     else:
         source = str(Path(probs_dir).resolve())
     group = zarr.open_group(str(cache), mode="a")
@@ -100,11 +100,13 @@ def base_probabilities(
     ]
 
 
-def _dtype_tag(device: torch.device | str, precision: str) -> str:
-    """'' for fp32 inference on ``device``, else '_' and the autocast dtype ('_bfloat16'), so
-    that caches written in fp32 keep their keys."""
+def _cache_tag(device: torch.device | str, precision: str, symmetries: int = 1) -> str:
+    """What sets a cached map apart beside its model's hash: '_' and the autocast dtype
+    ('_bfloat16') unless fp32, then '_sN' when averaged over N symmetries; '' for one fp32
+    pass, so that older caches keep their keys."""
     dtype = autocast_dtype(torch.device(device), precision)
-    return "" if dtype is None else "_" + str(dtype).removeprefix("torch.")
+    tag = "" if dtype is None else "_" + str(dtype).removeprefix("torch.")
+    return tag + f"_s{symmetries}" * (symmetries > 1)
 
 
 def _cached(group, key: str, compute: Callable[[], np.ndarray]) -> np.ndarray:
@@ -142,8 +144,8 @@ def refined_probabilities(
         raise InputError(f"{prn} reads the image beside the probabilities: give the images")
     sha = file_sha256(prn)
     model = load_cached(str(Path(prn).resolve()), sha, str(device))
-    model = model if symmetries == 1 else SymmetryMean(model, symmetries)
-    tag = _dtype_tag(device, precision) + (f"_s{symmetries}" * (symmetries > 1))
+    model = averaged_over(model, symmetries)
+    tag = _cache_tag(device, precision, symmetries)
     group = zarr.open_group(str(cache), mode="a")
     images = images if with_image else [None] * len(base_probs)
     return [
